@@ -1,0 +1,1 @@
+"""equinox-ray: holistic fair scheduling for multi-user LLM serving."""

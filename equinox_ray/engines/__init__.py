@@ -1,0 +1,1 @@
+"""Inference engines: vLLM (real) and a simulated GPU, behind one interface."""
