@@ -29,6 +29,7 @@ test: install model
 	$(PY) -m pytest
 
 serve: install model
+	@test -f deploy/equinox.yaml || { echo "deploy/equinox.yaml is not there yet: the Serve application is still to come (see docs/design.md)"; exit 2; }
 	$(VENV)/bin/serve run deploy/equinox.yaml
 
 clean:

@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print the numbers the issues ask for."""
