@@ -1,0 +1,90 @@
+"""The one interface both engines (vLLM and the simulated GPU) implement, and the values that cross it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal, Protocol
+
+
+class EngineError(RuntimeError):
+    """The engine failed or died; streams in flight end with this error instead of hanging."""
+
+
+class RequestRejected(ValueError):
+    """A request refused before it reaches the engine (empty prompt, too long, bad max_tokens)."""
+
+
+@dataclass
+class GenerationRequest:
+    id: str
+    max_tokens: int
+    prompt_token_ids: list[int] | None = None
+    prompt: str | None = None  # text, tokenized by the engine when no ids are given
+    ignore_eos: bool = False  # trace replay: produce exactly max_tokens
+    temperature: float = 0.0
+    priority: int = 0  # lower first, as vLLM's priority scheduling
+    prompt_len_hint: int | None = None  # prompt length in tokens when only text is given and ids are unknown
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Measured at the end of a request; this is what corrects the fairness counters."""
+
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float  # engine submit to first token
+    e2e_s: float  # engine submit to last token
+    busy_seconds: float  # the request's share of engine busy time
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str | None = None  # "length", "stop", "abort" on the last chunk
+    usage: Usage | None = None  # on the last chunk
+
+
+UtilizationSource = Literal["nvml", "busy-fraction", "simulated"]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_cache_usage: float  # 0..1
+    tokens_per_s: float  # prompt + output tokens over the recent window
+    output_tokens_per_s: float
+    busy_fraction: float  # share of the recent window the engine was stepping
+    utilization: float  # GPU utilization where NVML has it, else the busy fraction
+    utilization_source: UtilizationSource
+    healthy: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    max_model_len: int
+
+    async def start(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def shutdown(self) -> None: ...
+
+
+def validate(request: GenerationRequest, max_model_len: int, prompt_tokens: int) -> None:
+    """Refuse what can never run, before it reaches the engine."""
+    if isinstance(request.max_tokens, bool) or not isinstance(request.max_tokens, int) or request.max_tokens <= 0:
+        raise RequestRejected(f"request {request.id!r}: max_tokens must be a positive integer, "
+                              f"got {request.max_tokens!r}")
+    if prompt_tokens <= 0:
+        raise RequestRejected(f"request {request.id!r}: the prompt is empty")
+    if prompt_tokens + request.max_tokens > max_model_len:
+        raise RequestRejected(
+            f"request {request.id!r}: prompt ({prompt_tokens} tokens) + max_tokens ({request.max_tokens}) "
+            f"exceeds the model's context of {max_model_len} tokens")
