@@ -142,15 +142,23 @@ def test_a_dead_engine_ends_streams_with_an_error_and_reports_unhealthy():
     assert run(main()) is False
 
 
-def test_admission_window_grows_under_target_and_halves_over_it():
-    window = AdmissionWindow(maximum=32, initial=4, target_tpot_s=0.05)
-    for _ in range(40):
-        window.observe(output_tokens=11, ttft_s=0.1, e2e_s=0.1 + 10 * 0.02)
-    grown = window.size
-    assert grown > 4
-    for _ in range(grown):
-        window.observe(output_tokens=11, ttft_s=0.1, e2e_s=0.1 + 10 * 0.5)
-    assert window.size <= grown // 2 + 1
+def test_admission_window_slow_starts_then_backs_off_and_grows_additively():
+    window = AdmissionWindow(maximum=64, initial=2, target_tpot_s=0.05, min_samples=4)
+    fast = dict(output_tokens=11, ttft_s=0.1, e2e_s=0.1 + 10 * 0.02)
+    slow = dict(output_tokens=11, ttft_s=0.1, e2e_s=0.1 + 10 * 0.5)
+    sizes = []
+    for _ in range(3):
+        for _ in range(max(window.size, 4)):
+            window.observe(**fast)
+        sizes.append(window.size)
+    assert sizes == [4, 8, 16]  # doubling while under the target
+    for _ in range(16):
+        window.observe(**slow)
+    assert window.size == 12 and not window.slow_start  # one cut by 0.75
+    for _ in range(12):
+        window.observe(**fast)
+    assert window.size == 13  # then additive growth
+    window.observe(output_tokens=1, ttft_s=0.1, e2e_s=0.1)  # no TPOT from a single token
     assert AdmissionWindow(maximum=16).size == 16  # no target: the engine's own limit
 
 

@@ -82,4 +82,4 @@ class Replica:
     async def _release(self) -> None:
         async with self._slot_freed:
             self.in_flight -= 1
-            self._slot_freed.notify_all()
+            self._slot_freed.notify(max(1, self.window.size - self.in_flight))  # no thundering herd

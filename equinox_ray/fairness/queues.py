@@ -50,5 +50,8 @@ class UserQueues:
     def __len__(self) -> int:
         return len(self._where)
 
+    def waiting(self) -> list[Request]:
+        return [r for queue in self._queues.values() for r in queue]
+
     def backlogged_users(self) -> list[str]:
         return [user for user, queue in self._queues.items() if queue]

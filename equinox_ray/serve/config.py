@@ -1,0 +1,119 @@
+"""The application's configuration: one pydantic model that Serve validates the YAML `args` against, so a wrong
+config fails at deploy time with a message that names the field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from equinox_ray.engines.sim_engine import SimEngineConfig
+from equinox_ray.engines.vllm_engine import VLLMEngineConfig
+from equinox_ray.fairness.equinox import EquinoxWeights
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UserConfig(Strict):
+    name: str = Field(min_length=1)
+    api_key: str = Field(min_length=8)
+    weight: float = Field(1.0, gt=0)
+
+
+class WeightsConfig(Strict):
+    """Equinox's tunable weights (docs/design.md); zero latency and resource weights make it VTC."""
+
+    latency: float = Field(0.5, ge=0)
+    resource: float = Field(0.5, ge=0)
+    latency_scale_tokens: float = Field(512.0, ge=0)
+    latency_cap: float = Field(2.0, ge=0)
+    latency_smoothing: float = Field(0.3, gt=0, le=1)
+    latency_floor_s: float = Field(0.25, ge=0)
+    tokens_per_busy_second: float = Field(1000.0, ge=0)
+
+    def to_core(self) -> EquinoxWeights:
+        return EquinoxWeights(**self.model_dump())
+
+
+class PolicyConfig(Strict):
+    name: Literal["fcfs", "vtc", "vtc-predict", "equinox"] = "equinox"
+    input_weight: float = Field(1.0, ge=0)
+    output_weight: float = Field(2.0, ge=0)
+    weights: WeightsConfig = WeightsConfig()
+
+
+class AutoscalingConfig(Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_requests_per_replica: float = Field(8.0, gt=0, description="running + backlog per replica to aim for")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
+        return self
+
+
+class AdmissionConfig(Strict):
+    max_window: int = Field(32, ge=1)
+    initial_window: int = Field(8, ge=1)
+    target_tpot_ms: float | None = Field(None, gt=0, description="None: the window stays at max_window")
+
+
+class PoolConfig(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    gpu_type: str = Field("CPU", description="a Ray accelerator type such as H100, A100, L4; CPU for none")
+    engine: Literal["vllm", "sim"] = "vllm"
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
+    sim: SimEngineConfig = SimEngineConfig()
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on CPU machines and for sim pools)")
+    num_cpus: float = Field(1, ge=0)
+    cost_weight: float = Field(1.0, gt=0, description="relative price of a busy-second on this pool")
+    admission: AdmissionConfig = AdmissionConfig()
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+
+    @property
+    def deployment_name(self) -> str:
+        return f"Pool-{self.name}"
+
+    @property
+    def max_model_len(self) -> int:
+        return self.vllm.max_model_len if self.engine == "vllm" else self.sim.max_model_len
+
+
+class LimitsConfig(Strict):
+    max_queue_per_user: int = Field(64, ge=1, description="waiting requests per user; past it, 429")
+    retry_after_s: int = Field(1, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_cap: int | None = Field(None, ge=1, description="largest max_tokens a client may ask for")
+
+
+class ModelConfig(Strict):
+    name: str = Field("tiny-llama", description="the model name clients send")
+    tokenizer: str | None = Field("models/tiny-llama", description="tokenizer directory; None counts words")
+
+
+class AppConfig(Strict):
+    model: ModelConfig = ModelConfig()
+    pools: list[PoolConfig] = Field(min_length=1)
+    policy: PolicyConfig = PolicyConfig()
+    users: list[UserConfig] = Field(default_factory=list)
+    admin_keys: list[str] = Field(default_factory=list)
+    auth: bool = Field(True, description="False: no keys, the OpenAI `user` field names the user (local demos)")
+    limits: LimitsConfig = LimitsConfig()
+    report_interval_s: float = Field(0.5, gt=0, le=1.0)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AppConfig":
+        for what, names in [("pool", [p.name for p in self.pools]), ("user", [u.name for u in self.users]),
+                            ("api_key", [u.api_key for u in self.users] + self.admin_keys)]:
+            if len(names) != len(set(names)):
+                raise ValueError(f"duplicate {what} in config")
+        if self.auth and not self.users:
+            raise ValueError("auth is on but no users are configured")
+        return self

@@ -1,0 +1,222 @@
+"""The global fairness controller: per-user queues, the policy and its counters, and the pools' capacity.
+
+One instance serves the whole application (a Ray actor, see app.py). The ingress `submit`s each request and awaits
+its grant, which names the pool; tokens then stream from the pool straight to the client. The ingress reports
+progress and the finish; each replica reports its state every `report_interval_s`. Every event runs the dispatch
+loop: while the policy grants and a pool has a free slot, hand out grants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from equinox_ray.fairness import InvalidRequest, Outcome, PoolView, Request, User
+from equinox_ray.serve.config import AppConfig, PoolConfig
+from equinox_ray.serve.policies import make_policy
+
+
+class QueueFull(Exception):
+    """The user's queue is at its bound; the ingress answers 429."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled while it waited."""
+
+
+@dataclass
+class ReplicaState:
+    window: int
+    free_slots: int
+    tokens_per_s: float
+    utilization: float
+    kv_cache_usage: float
+    seen: float
+
+
+@dataclass
+class PoolState:
+    config: PoolConfig
+    replicas: dict[str, ReplicaState] = field(default_factory=dict)
+    running: int = 0
+
+    def capacity(self) -> int:
+        if not self.replicas:  # no report yet: assume the starting replicas at their initial window
+            n = self.config.autoscaling.initial_replicas or max(self.config.autoscaling.min_replicas, 1)
+            return n * min(self.config.admission.initial_window, self.config.admission.max_window)
+        return sum(r.window for r in self.replicas.values())
+
+    def view(self) -> PoolView:
+        replicas = self.replicas.values()
+        throughput = sum(r.tokens_per_s for r in replicas) or 1000.0
+        utilization = (sum(r.utilization for r in replicas) / len(self.replicas)) if self.replicas else 1.0
+        c = self.config
+        decode_tps = 50.0 if c.engine == "vllm" else 20.0
+        return PoolView(name=c.name, gpu_type=c.gpu_type, free_slots=max(0, self.capacity() - self.running),
+                        running=self.running, throughput_tps=throughput, utilization=max(utilization, 0.05),
+                        decode_tps=decode_tps, cost_weight=c.cost_weight)
+
+
+@dataclass
+class UserStats:
+    submitted: int = 0
+    finished: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft_s: deque = field(default_factory=lambda: deque(maxlen=256))
+    e2e_s: deque = field(default_factory=lambda: deque(maxlen=256))
+
+
+class FairnessController:
+    def __init__(self, config: dict) -> None:
+        self.config = AppConfig.model_validate(config)
+        users = [User(u.name, u.weight) for u in self.config.users]
+        self.policy = make_policy(self.config.policy, users)
+        self.pools = {p.name: PoolState(p) for p in self.config.pools}
+        self.stats: dict[str, UserStats] = defaultdict(UserStats)
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._granted_at: dict[str, float] = {}
+        self._t0 = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    # -- from the ingress -------------------------------------------------------------------------------------
+    async def submit(self, request_id: str, user: str, prompt_tokens: int, max_tokens: int) -> dict:
+        """Queue a request and wait for its grant: {"pool", "score", "counters_before", "counters_after", ...}."""
+        if user not in self.policy.users:
+            if self.config.auth:
+                raise InvalidRequest(f"unknown user {user!r}")
+            self.policy.add_user(User(user))  # auth off: demo users appear as they come
+        if self.policy.queue_length(user) >= self.config.limits.max_queue_per_user:
+            self.stats[user].rejected += 1
+            raise QueueFull(f"user {user!r} has {self.config.limits.max_queue_per_user} requests waiting")
+        request = Request(request_id, user, self.now(), prompt_tokens, max_tokens)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = waiter
+        self.policy.submit(request, self.now())
+        self.stats[user].submitted += 1
+        self._dispatch()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self.cancel(request_id)
+            raise
+
+    def progress(self, request_id: str, new_tokens: int) -> None:
+        self.policy.on_tokens(request_id, new_tokens)
+
+    def finish(self, request_id: str, user: str, pool: str, prompt_tokens: int, output_tokens: int, ttft_s: float,
+               e2e_s: float, busy_seconds: float, cancelled: bool = False) -> dict:
+        """The measured outcome of a granted request; corrects the counters and frees the pool slot."""
+        if request_id not in self.policy.running:
+            return {}
+        self.pools[pool].running -= 1
+        granted = self._granted_at.pop(request_id, self.now())
+        outcome = Outcome(request_id, user, pool, prompt_tokens, output_tokens, ttft_s, e2e_s, busy_seconds,
+                          cancelled=cancelled)
+        request = self.policy.finish(outcome, self.now())
+        s = self.stats[user]
+        s.output_tokens += output_tokens
+        s.prompt_tokens += prompt_tokens
+        if cancelled:
+            s.cancelled += 1
+        else:
+            s.finished += 1
+            queue_wait = granted - request.arrival
+            s.ttft_s.append(queue_wait + ttft_s)
+            s.e2e_s.append(queue_wait + e2e_s)
+        self._dispatch()
+        return self.policy.counters(user)
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request that has not been granted (the client went away)."""
+        request = self.policy.cancel(request_id)
+        waiter = self._waiters.pop(request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(Cancelled(request_id))
+            waiter.exception()  # retrieved: nobody may be awaiting it any more
+        if request is not None:
+            self.stats[request.user].cancelled += 1
+            self._dispatch()
+        return request is not None
+
+    # -- from the replicas ------------------------------------------------------------------------------------
+    def report(self, pool: str, replica: str, window: int, free_slots: int, tokens_per_s: float, utilization: float,
+               kv_cache_usage: float) -> dict:
+        state = self.pools[pool]
+        now = self.now()
+        state.replicas[replica] = ReplicaState(window, free_slots, tokens_per_s, utilization, kv_cache_usage, now)
+        stale = now - 5 * self.config.report_interval_s
+        for name in [r for r, s in state.replicas.items() if s.seen < stale]:
+            del state.replicas[name]  # a replica that stopped reporting is gone
+        self._dispatch()
+        return {"backlog": self.backlog().get(pool, 0), "running": state.running}
+
+    # -- views ------------------------------------------------------------------------------------------------
+    def backlog(self) -> dict[str, int]:
+        """Waiting requests per pool they would go to now (the autoscaler's signal)."""
+        views = [p.view() for p in self.pools.values()]
+        open_views = [PoolView(**{**v.__dict__, "free_slots": max(v.free_slots, 1)}) for v in views]
+        counts = {name: 0 for name in self.pools}
+        for request in self.policy.queues.waiting():
+            pool, _ = self.policy.choose_pool(request, open_views)
+            counts[pool.name] += 1
+        return counts
+
+    def snapshot(self, user: str | None = None) -> dict:
+        users = [user] if user is not None else sorted(set(self.policy.users) | set(self.stats))
+        rows = {}
+        for name in users:
+            s = self.stats[name]
+            rows[name] = {
+                "weight": self.policy.users[name].weight if name in self.policy.users else None,
+                "queue_length": self.policy.queue_length(name),
+                "running": sum(1 for r in self.policy.running.values() if r.user == name),
+                "counters": self.policy.counters(name) if name in self.policy.users else {},
+                "submitted": s.submitted, "finished": s.finished, "rejected": s.rejected, "cancelled": s.cancelled,
+                "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens,
+                "service": self.policy_service(s),
+                "ttft_s": _percentiles(s.ttft_s), "e2e_s": _percentiles(s.e2e_s),
+            }
+        pools = {name: {"gpu_type": p.config.gpu_type, "replicas": len(p.replicas), "capacity": p.capacity(),
+                        "running": p.running, "tokens_per_s": sum(r.tokens_per_s for r in p.replicas.values()),
+                        "utilization": p.view().utilization if p.replicas else None}
+                 for name, p in self.pools.items()}
+        return {"policy": self.policy.name, "time_s": self.now(), "users": rows, "pools": pools}
+
+    def policy_service(self, s: UserStats) -> float:
+        return self.config.policy.input_weight * s.prompt_tokens + self.config.policy.output_weight * s.output_tokens
+
+    # -- dispatch ---------------------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while True:
+            views = [p.view() for p in self.pools.values()]
+            grant = self.policy.schedule(views, self.now())
+            if grant is None:
+                return
+            request = grant.request
+            self.pools[grant.pool].running += 1
+            self._granted_at[request.id] = self.now()
+            waiter = self._waiters.pop(request.id, None)
+            prediction = grant.prediction.__dict__ if grant.prediction is not None else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result({"pool": grant.pool, "score": grant.score, "prediction": prediction,
+                                   "counters_before": grant.counters_before, "counters_after": grant.counters_after,
+                                   "queue_wait_s": self.now() - request.arrival})
+            else:  # its client is gone: end it at once so the slot and the counters are right
+                self.finish(request.id, request.user, grant.pool, request.prompt_tokens, 0, 0.0, 0.0, 0.0,
+                            cancelled=True)
+
+
+def _percentiles(values) -> dict:
+    import numpy as np
+
+    if not values:
+        return {"p50": None, "p99": None}
+    x = np.asarray(values)
+    return {"p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99))}

@@ -1,0 +1,18 @@
+"""Build the configured policy from the pure core."""
+
+from __future__ import annotations
+
+from equinox_ray.fairness import FCFS, VTC, Equinox, MovingAveragePredictor, Policy, Predictor, User
+from equinox_ray.serve.config import PolicyConfig
+
+
+def make_policy(config: PolicyConfig, users: list[User], predictor: Predictor | None = None) -> Policy:
+    if config.name == "fcfs":
+        return FCFS(users)
+    if config.name == "vtc":
+        return VTC(users, input_weight=config.input_weight, output_weight=config.output_weight)
+    predictor = predictor or MovingAveragePredictor()
+    if config.name == "vtc-predict":
+        return VTC(users, input_weight=config.input_weight, output_weight=config.output_weight, predictor=predictor)
+    return Equinox(users, weights=config.weights.to_core(), predictor=predictor,
+                   input_weight=config.input_weight, output_weight=config.output_weight)
