@@ -51,6 +51,7 @@ class AutoscalingConfig(Strict):
     target_requests_per_replica: float = Field(8.0, gt=0, description="running + backlog per replica to aim for")
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(12.0, gt=0, description="window the replicas' metrics are averaged over")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":

@@ -1,0 +1,225 @@
+"""The OpenAI-compatible ingress: identify the user, validate, ask the controller for a grant, stream from the pool.
+
+Every accepted request ends in a completion or an explicit error. A client that goes away before its grant is
+taken out of its queue; one that goes away mid-stream has its engine request aborted, and the controller is told
+what was actually served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from equinox_ray.engines.types import EngineError, GenerationRequest, RequestRejected
+from equinox_ray.serve.config import AppConfig
+from equinox_ray.serve.controller import Cancelled, QueueFull
+from equinox_ray.serve.controller_handle import CONTROLLER_ACTOR
+from equinox_ray.serve.openai_protocol import (
+    APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, sse, usage,
+)
+from equinox_ray.serve.paths import resolve
+
+log = logging.getLogger("ray.serve")
+api = FastAPI(title="equinox-ray", description="Fair multi-user LLM serving (OpenAI-compatible)")
+PROGRESS_EVERY = 16  # tokens between progress reports to the controller
+
+
+# serve.ingress pickles the app when the class is decorated: helpers must be defined above the class.
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+async def _parse(request: Request, model):
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the body is not valid JSON: {exc}", "invalid_request_error") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", "invalid_request_error")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"{param}: {first['msg']}", "invalid_request_error", param) from None
+
+
+class Tokenizer:
+    """Counts prompt tokens at the door, so a prompt that cannot fit is refused before it queues."""
+
+    def __init__(self, path: str | None) -> None:
+        self.hf = None
+        if path is not None:
+            from transformers import AutoTokenizer
+
+            self.hf = AutoTokenizer.from_pretrained(resolve(path))
+
+    def encode(self, text: str) -> list[int]:
+        if self.hf is None:
+            return [1] * len(text.split())
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def chat(self, messages) -> list[int]:
+        if self.hf is not None and getattr(self.hf, "chat_template", None):
+            return self.hf.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True)
+        return self.encode("".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:")
+
+
+@serve.deployment(max_ongoing_requests=4096)
+@serve.ingress(api)
+class EquinoxIngress:
+    def __init__(self, config: dict, pools: dict) -> None:
+        self.config = AppConfig.model_validate(config)
+        self.pools = pools
+        self.controller = serve.get_deployment_actor(CONTROLLER_ACTOR)
+        self.tokenizer = Tokenizer(self.config.model.tokenizer)
+        self.users = {u.api_key: u.name for u in self.config.users}
+        self.admins = set(self.config.admin_keys)
+        self.max_model_len = min(p.max_model_len for p in self.config.pools)
+        self.model = self.config.model.name
+
+    # -- routes ----------------------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "equinox-ray"}]}
+
+    @api.get("/v1/fairness")
+    async def fairness(self, request: Request) -> dict:
+        key = _bearer(request)
+        if key in self.admins:
+            return await self.controller.snapshot.remote()
+        user = self._user_for_key(key, None)
+        return await self.controller.snapshot.remote(user)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        body = await _parse(request, CompletionRequest)
+        user = self._user_for_key(_bearer(request), body.user)
+        ids = body.prompt if isinstance(body.prompt, list) else self.tokenizer.encode(body.prompt)
+        return await self._serve(body, user, ids, body.max_tokens, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        body = await _parse(request, ChatRequest)
+        user = self._user_for_key(_bearer(request), body.user)
+        return await self._serve(body, user, self.tokenizer.chat(body.messages), body.requested_max_tokens, chat=True)
+
+    # -- the request path --------------------------------------------------------------------------------------
+    def _user_for_key(self, key: str | None, claimed: str | None) -> str:
+        if not self.config.auth:
+            return claimed or "anonymous"
+        if key is None:
+            raise APIError(401, "missing API key: send Authorization: Bearer <key>", "invalid_request_error",
+                           code="invalid_api_key")
+        user = self.users.get(key)
+        if user is None:
+            raise APIError(401, "invalid API key", "invalid_request_error", code="invalid_api_key")
+        return user  # the OpenAI `user` field never overrides the key's identity
+
+    async def _serve(self, body, user: str, ids: list[int], max_tokens: int | None, chat: bool):
+        if body.model != self.model:
+            raise APIError(404, f"model {body.model!r} does not exist; this server has {self.model!r}",
+                           "invalid_request_error", "model", "model_not_found")
+        max_tokens = max_tokens or self.config.limits.default_max_tokens
+        cap = self.config.limits.max_tokens_cap
+        if cap is not None and max_tokens > cap:
+            raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}",
+                           "invalid_request_error", "max_tokens")
+        if not ids:
+            raise APIError(400, "the prompt is empty", "invalid_request_error", "prompt")
+        if len(ids) + max_tokens > self.max_model_len:
+            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                                f"{len(ids)} and max_tokens is {max_tokens}", "invalid_request_error",
+                           "max_tokens", "context_length_exceeded")
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        grant = await self._wait_for_grant(rid, user, len(ids), max_tokens)
+        generation = GenerationRequest(rid, max_tokens, prompt_token_ids=list(ids), ignore_eos=body.ignore_eos,
+                                       temperature=body.temperature)
+        chunks = self._stream(grant["pool"], generation, user)
+        if body.stream:
+            return StreamingResponse(self._sse(chunks, rid, chat, body.include_usage),
+                                     media_type="text/event-stream")
+        return await self._collect(chunks, rid, chat)
+
+    async def _wait_for_grant(self, rid: str, user: str, prompt_tokens: int, max_tokens: int) -> dict:
+        try:
+            return await self.controller.submit.remote(rid, user, prompt_tokens, max_tokens)
+        except QueueFull as exc:
+            retry = self.config.limits.retry_after_s
+            raise APIError(429, str(exc), "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(retry)}) from None
+        except Cancelled:
+            raise APIError(499, "request cancelled", "invalid_request_error") from None
+        except asyncio.CancelledError:
+            self.controller.cancel.remote(rid)  # the client went away while it waited
+            raise
+
+    async def _stream(self, pool: str, generation: GenerationRequest, user: str):
+        """Chunks from the pool; whatever happens, the controller learns what was served."""
+        response = self.pools[pool].options(stream=True).generate.remote(generation)
+        served, reported, final = 0, 0, None
+        try:
+            async for chunk in response:
+                served += len(chunk.token_ids)
+                if served - reported >= PROGRESS_EVERY:
+                    self.controller.progress.remote(generation.id, served - reported)
+                    reported = served
+                if chunk.usage is not None:
+                    final = chunk
+                yield chunk
+        finally:
+            if final is None:
+                response.cancel()  # aborts the engine request on the replica
+            u = final.usage if final is not None else None
+            self.controller.finish.remote(
+                generation.id, user, pool, len(generation.prompt_token_ids), u.output_tokens if u else served,
+                u.ttft_s if u else 0.0, u.e2e_s if u else 0.0, u.busy_seconds if u else 0.0,
+                cancelled=final is None or final.finish_reason == "abort")
+
+    async def _collect(self, chunks, rid: str, chat: bool) -> dict:
+        text, n, finish, prompt = [], 0, None, 0
+        try:
+            async for chunk in chunks:
+                text.append(chunk.text)
+                n += len(chunk.token_ids)
+                if chunk.usage is not None:
+                    finish, prompt = chunk.finish_reason, chunk.usage.prompt_tokens
+        except (EngineError, RequestRejected, RuntimeError) as exc:
+            raise APIError(503, f"the engine failed: {exc}", "server_error", code="engine_error") from None
+        return completion_body(rid, self.model, "".join(text), finish, usage(prompt, n), chat)
+
+    async def _sse(self, chunks, rid: str, chat: bool, include_usage: bool):
+        n, prompt, first = 0, 0, True
+        try:
+            async for chunk in chunks:
+                n += len(chunk.token_ids)
+                if chunk.usage is not None:
+                    prompt = chunk.usage.prompt_tokens
+                yield sse(chunk_body(rid, self.model, chunk.text, chunk.finish_reason, chat, first=first))
+                first = False
+        except (EngineError, RequestRejected, RuntimeError) as exc:
+            yield sse(APIError(503, f"the engine failed: {exc}", "server_error", code="engine_error").body())
+        if include_usage:
+            yield sse(chunk_body(rid, self.model, None, None, chat, use=usage(prompt, n)))
+        yield sse("[DONE]")

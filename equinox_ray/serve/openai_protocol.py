@@ -1,0 +1,90 @@
+"""The subset of OpenAI's API the ingress speaks: request bodies, response bodies, error bodies, SSE chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (top_p, n=1, ...)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: dict | None = None
+    temperature: float = Field(0.0, ge=0, le=2)
+    user: str | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    ignore_eos: bool = False  # vLLM's extension: produce exactly max_tokens (benchmarks, trace replay)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+class CompletionRequest(_Body):
+    prompt: str | list[int] = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatRequest(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def usage(prompt_tokens: int, output_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens,
+            "total_tokens": prompt_tokens + output_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None, chat: bool) -> dict:
+    created = int(time.time())
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+                "usage": use}
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice],
+            "usage": use}
+
+
+def chunk_body(rid: str, model: str, text: str | None, finish: str | None, chat: bool, first: bool = False,
+               use: dict | None = None) -> dict:
+    created = int(time.time())
+    if use is not None:  # the usage chunk that include_usage asks for: no choices
+        return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": model, "choices": [], "usage": use}
+    if chat:
+        delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"

@@ -1,0 +1,90 @@
+"""A pool replica: one engine (vLLM or the simulated GPU) with its admission window, as a Serve deployment.
+
+The app builder binds this class once per pool, each with its own name, accelerator type and autoscaling. Every
+`report_interval_s` the replica reports its state to the controller, which answers with the pool's backlog; that
+backlog is the custom autoscaling policy's signal (autoscaling.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import ray
+from ray import serve
+
+from equinox_ray.engines.admission import AdmissionWindow
+from equinox_ray.engines.replica import Replica
+from equinox_ray.engines.sim_engine import SimEngine
+from equinox_ray.engines.types import GenerationRequest, TokenChunk
+from equinox_ray.engines.vllm_engine import VLLMEngine
+from equinox_ray.serve.config import PoolConfig
+from equinox_ray.serve.controller_handle import find_controller
+from equinox_ray.serve.paths import resolve
+
+log = logging.getLogger("ray.serve")
+
+
+def make_engine(pool: PoolConfig):
+    if pool.engine == "sim":
+        return SimEngine(pool.sim)
+    config = pool.vllm.model_copy(update={"model": resolve(pool.vllm.model),
+                                          "tokenizer": resolve(pool.vllm.tokenizer)})
+    return VLLMEngine(config)
+
+
+@serve.deployment(max_ongoing_requests=1024, health_check_period_s=5, health_check_timeout_s=30)
+class PoolReplica:
+    async def __init__(self, pool: dict, report_interval_s: float = 0.5) -> None:
+        self.pool = PoolConfig.model_validate(pool)
+        context = serve.get_replica_context()
+        self.name = context.replica_id.unique_id
+        self.app_name = context.app_name
+        a = self.pool.admission
+        window = AdmissionWindow(maximum=a.max_window, initial=a.initial_window,
+                                 target_tpot_s=None if a.target_tpot_ms is None else a.target_tpot_ms / 1000.0)
+        self.replica = Replica(make_engine(self.pool), window, name=self.name, pool=self.pool.name)
+        await self.replica.start()
+        self.backlog = 0
+        self.report_interval_s = report_interval_s
+        self._reporter = asyncio.create_task(self._report_loop())
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        async for chunk in self.replica.generate(request):
+            yield chunk
+
+    def report(self) -> dict:
+        r = self.replica.report()
+        return {"replica": r.replica, "pool": r.pool, "window": r.window, "in_flight": r.in_flight,
+                "local_queue": r.local_queue, "free_slots": r.free_slots, "tpot_s": r.tpot_s,
+                "stats": r.stats.__dict__}
+
+    def check_health(self) -> None:
+        if not self.replica.healthy():
+            raise RuntimeError(f"pool {self.pool.name} replica {self.name}: engine unhealthy")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {"backlog": float(self.backlog), "in_flight": float(self.replica.in_flight + self.replica.local_queue)}
+
+    async def _report_loop(self) -> None:
+        controller = None
+        while True:
+            await asyncio.sleep(self.report_interval_s)
+            try:
+                controller = controller or find_controller(self.app_name)
+                if controller is None:
+                    continue
+                r = self.replica.report()
+                answer = await controller.report.remote(
+                    self.pool.name, self.name, r.window, r.free_slots, r.stats.tokens_per_s, r.stats.utilization,
+                    r.stats.kv_cache_usage)
+                self.backlog = answer.get("backlog", 0)
+            except ray.exceptions.RayActorError:
+                controller = None  # recreated by Serve: look it up again
+            except Exception:
+                log.exception("report to the fairness controller failed")
+
+    async def __del__(self) -> None:
+        self._reporter.cancel()
+        await self.replica.engine.shutdown()
