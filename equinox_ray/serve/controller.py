@@ -14,16 +14,9 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from equinox_ray.fairness import InvalidRequest, Outcome, PoolView, Request, User
-from equinox_ray.serve.config import AppConfig, PoolConfig
+from equinox_ray.serve.config import AppConfig, PolicyConfig, PoolConfig
+from equinox_ray.serve.errors import Busy, Cancelled, QueueFull
 from equinox_ray.serve.policies import make_policy
-
-
-class QueueFull(Exception):
-    """The user's queue is at its bound; the ingress answers 429."""
-
-
-class Cancelled(Exception):
-    """The request was cancelled while it waited."""
 
 
 @dataclass
@@ -156,6 +149,15 @@ class FairnessController:
             del state.replicas[name]  # a replica that stopped reporting is gone
         self._dispatch()
         return {"backlog": self.backlog().get(pool, 0), "running": state.running}
+
+    def set_policy(self, policy: dict) -> str:
+        """Switch policy or weights while idle; counters start afresh, the users and their stats stay."""
+        if len(self.policy.queues) or self.policy.running:
+            raise Busy("the policy can only change while no request is waiting or running")
+        config = PolicyConfig.model_validate(policy)
+        self.policy = make_policy(config, list(self.policy.users.values()))
+        self.config = self.config.model_copy(update={"policy": config})
+        return self.policy.name
 
     # -- views ------------------------------------------------------------------------------------------------
     def backlog(self) -> dict[str, int]:

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from ray import serve
 
 from equinox_ray.engines.types import EngineError, GenerationRequest, RequestRejected
-from equinox_ray.serve.config import AppConfig
-from equinox_ray.serve.controller import Cancelled, QueueFull
+from equinox_ray.serve.config import AppConfig, PolicyConfig
+from equinox_ray.serve.errors import Busy, Cancelled, QueueFull
 from equinox_ray.serve.controller_handle import CONTROLLER_ACTOR
 from equinox_ray.serve.openai_protocol import (
     APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, sse, usage,
@@ -37,6 +37,12 @@ PROGRESS_EVERY = 16  # tokens between progress reports to the controller
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path)
+    return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "server_error").body(), status_code=500)
 
 
 def _bearer(request: Request) -> str | None:
@@ -111,6 +117,22 @@ class EquinoxIngress:
             return await self.controller.snapshot.remote()
         user = self._user_for_key(key, None)
         return await self.controller.snapshot.remote(user)
+
+    @api.put("/v1/admin/policy")
+    async def set_policy(self, request: Request) -> dict:
+        """Admin only: switch policy or tune its weights while the server is idle (409 otherwise)."""
+        if _bearer(request) not in self.admins:
+            raise APIError(403 if _bearer(request) else 401, "an admin key is required", "invalid_request_error",
+                           code="forbidden")
+        try:
+            body = PolicyConfig.model_validate(json.loads(await request.body()))
+            return {"policy": await self.controller.set_policy.remote(body.model_dump())}
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"the body is not valid JSON: {exc}", "invalid_request_error") from None
+        except Busy as exc:
+            raise APIError(409, str(exc), "invalid_request_error", code="busy") from None
+        except ValidationError as exc:
+            raise APIError(400, str(exc.errors()[0]["msg"]), "invalid_request_error", "policy") from None
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):

@@ -1,0 +1,34 @@
+"""Shared set-up for the Serve tests: a local Ray cluster and the app built from a deploy/ config."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "http://127.0.0.1:8000"
+
+
+def app_args(config: str) -> dict:
+    return yaml.safe_load((ROOT / "deploy" / config).read_text())["applications"][0]["args"]
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def fairness(key: str) -> dict:
+    return httpx.get(f"{BASE}/v1/fairness", headers=auth(key), timeout=10).json()

@@ -1,0 +1,187 @@
+"""The Serve application on deploy/equinox.yaml's settings: real Ray Serve, real vLLM (CPU), the openai client."""
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from equinox_ray.serve.app import build
+from equinox_ray.serve.config import AppConfig
+from serve_helpers import BASE, app_args, auth, fairness, wait_until
+
+ALICE, BOB, CAROL, ADMIN = "sk-alice-demo-key", "sk-bob-demo-key", "sk-carol-demo-key", "sk-admin-demo-key"
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def app():
+    args = app_args("equinox.yaml")
+    args["pools"][0]["admission"] = {"max_window": 4, "initial_window": 4}  # small, so queues form in the controller
+    args["limits"]["max_queue_per_user"] = 24
+    ray.init(num_cpus=2, include_dashboard=False)
+    serve.run(build(AppConfig.model_validate(args)), name="equinox", route_prefix="/")
+    yield BASE
+    serve.shutdown()
+    ray.shutdown()
+
+
+def client(key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_three_users_stream_and_not_with_usage_matching_what_was_served(app):
+    before = fairness(ADMIN)["users"]
+    for key, name in [(ALICE, "alice"), (BOB, "bob"), (CAROL, "carol")]:
+        c = client(key)
+        done = c.completions.create(model=MODEL, prompt="ka lo mi ne", max_tokens=12, extra_body={"ignore_eos": True})
+        assert done.usage.completion_tokens == 12 and done.usage.prompt_tokens > 0 and done.choices[0].text
+        chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "fin dor"}],
+                                                max_tokens=7, stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-2].choices[0].finish_reason == "length"
+        assert chunks[-1].usage.completion_tokens == 7
+        streamed = list(c.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=5, stream=True,
+                                             extra_body={"ignore_eos": True}))
+        assert streamed[-1].choices[0].finish_reason == "length"
+        chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka"}], max_tokens=3,
+                                         extra_body={"ignore_eos": True})
+        assert chat.usage.completion_tokens == 3 and chat.choices[0].message.role == "assistant"
+    after = wait_until(lambda: (u := fairness(ADMIN)["users"]) and all(
+        u[n]["finished"] - before[n]["finished"] == 4 for n in ("alice", "bob", "carol")) and u)
+    for name in ("alice", "bob", "carol"):  # the controller was told exactly what the engine produced
+        assert after[name]["output_tokens"] - before[name]["output_tokens"] == 12 + 7 + 5 + 3
+
+
+def test_models_and_health(app):
+    assert [m.id for m in client(ALICE).models.list()] == [MODEL]
+    assert httpx.get(f"{BASE}/health").json() == {"status": "ok"}
+
+
+def test_the_user_field_never_overrides_the_key(app):
+    before = fairness(ADMIN)["users"]
+    client(ALICE).completions.create(model=MODEL, prompt="ka", max_tokens=2, user="bob")
+    after = wait_until(lambda: (u := fairness(ADMIN)["users"])["alice"]["finished"] > before["alice"]["finished"]
+                       and u)
+    assert after["bob"]["submitted"] == before["bob"]["submitted"]
+
+
+def error(response) -> dict:
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
+
+
+def test_bad_input_gets_its_status_and_an_openai_error_body(app):
+    url = f"{BASE}/v1/completions"
+    ok = {"model": MODEL, "prompt": "ka lo", "max_tokens": 4}
+    r = httpx.post(url, json=ok)
+    assert r.status_code == 401 and error(r)["code"] == "invalid_api_key"
+    r = httpx.post(url, json=ok, headers=auth("sk-not-a-real-key"))
+    assert r.status_code == 401
+    r = httpx.post(url, content=b"{not json", headers=auth(ALICE))
+    assert r.status_code == 400 and "JSON" in error(r)["message"]
+    r = httpx.post(url, json={**ok, "max_tokens": 0}, headers=auth(ALICE))
+    assert r.status_code == 400 and error(r)["param"] == "max_tokens"
+    r = httpx.post(url, json={"model": MODEL, "max_tokens": 3}, headers=auth(ALICE))
+    assert r.status_code == 400 and error(r)["param"] == "prompt"
+    r = httpx.post(url, json={**ok, "model": "gpt-9"}, headers=auth(ALICE))
+    assert r.status_code == 404 and error(r)["code"] == "model_not_found"
+    r = httpx.post(url, json={**ok, "prompt": list(range(3, 1003)), "max_tokens": 100}, headers=auth(ALICE))
+    assert r.status_code == 400 and error(r)["code"] == "context_length_exceeded"
+    with pytest.raises(openai.AuthenticationError):
+        client("sk-wrong-key-123").completions.create(model=MODEL, prompt="ka", max_tokens=2)
+
+
+def test_fairness_view_shows_a_user_their_own_row_and_an_admin_all(app):
+    assert set(fairness(BOB)["users"]) == {"bob"}
+    assert {"alice", "bob", "carol"} <= set(fairness(ADMIN)["users"])
+    assert httpx.get(f"{BASE}/v1/fairness").status_code == 401
+
+
+def test_a_client_disconnect_aborts_the_request_and_frees_its_slot(app):
+    before = fairness(ADMIN)["users"]["carol"]
+    with httpx.stream("POST", f"{BASE}/v1/completions", headers=auth(CAROL), timeout=30,
+                      json={"model": MODEL, "prompt": "ka lo", "max_tokens": 900, "stream": True,
+                            "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+    row = wait_until(lambda: (u := fairness(ADMIN)["users"]["carol"])["cancelled"] > before["cancelled"] and u)
+    assert row["running"] == 0
+    assert row["output_tokens"] - before["output_tokens"] < 900  # only what was served is counted
+    wait_until(lambda: fairness(ADMIN)["pools"]["cpu"]["running"] == 0)
+
+
+async def _flood(key: str, n: int, max_tokens: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120) as http:
+        return await asyncio.gather(*(http.post(f"{BASE}/v1/completions", headers=auth(key), json={
+            "model": MODEL, "prompt": "ka lo mi", "max_tokens": max_tokens, "ignore_eos": True}) for _ in range(n)))
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_other_users_are_unaffected(app):
+    async def main():
+        flood = asyncio.create_task(_flood(CAROL, 40, 300))
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(timeout=120) as http:
+            other = await http.post(f"{BASE}/v1/completions", headers=auth(BOB),
+                                    json={"model": MODEL, "prompt": "ka", "max_tokens": 3})
+        return await flood, other
+
+    responses, other = asyncio.run(main())
+    codes = [r.status_code for r in responses]
+    assert other.status_code == 200
+    assert codes.count(429) >= 1 and codes.count(200) >= 24
+    assert set(codes) <= {200, 429}  # nothing lost: each got an answer
+    limited = next(r for r in responses if r.status_code == 429)
+    assert limited.headers["retry-after"] == "1" and error(limited)["code"] == "queue_full"
+
+
+def set_policy(name: str) -> None:
+    wait_until(lambda: fairness(ADMIN)["pools"]["cpu"]["running"] == 0)
+    r = httpx.put(f"{BASE}/v1/admin/policy", headers=auth(ADMIN), json={"name": name})
+    assert r.status_code == 200, r.text
+
+
+async def _light_ttft(key: str, count: int) -> list[float]:
+    ttfts = []
+    async with httpx.AsyncClient(timeout=120) as http:
+        for _ in range(count):
+            start = time.monotonic()
+            async with http.stream("POST", f"{BASE}/v1/completions", headers=auth(key), json={
+                    "model": MODEL, "prompt": "ka", "max_tokens": 4, "stream": True, "ignore_eos": True}) as r:
+                first = None
+                async for line in r.aiter_lines():
+                    if first is None and line.startswith("data: {"):
+                        first = time.monotonic() - start
+                ttfts.append(first)
+    return ttfts
+
+
+def test_the_light_user_keeps_a_short_ttft_under_vtc_and_equinox_but_not_fcfs(app):
+    async def phase():
+        heavy = asyncio.create_task(_flood(ALICE, 20, 120))
+        await asyncio.sleep(0.8)
+        light = await _light_ttft(BOB, 3)
+        await heavy
+        return sum(light) / len(light)
+
+    ttft = {}
+    for policy in ("fcfs", "vtc", "equinox"):
+        set_policy(policy)
+        ttft[policy] = asyncio.run(phase())
+    print("light user mean TTFT by policy:", ttft)
+    assert ttft["vtc"] * 2 < ttft["fcfs"], ttft
+    assert ttft["equinox"] * 2 < ttft["fcfs"], ttft
+
+
+def test_only_an_admin_switches_policy_and_only_while_idle(app):
+    r = httpx.put(f"{BASE}/v1/admin/policy", headers=auth(ALICE), json={"name": "vtc"})
+    assert r.status_code == 403
+    r = httpx.put(f"{BASE}/v1/admin/policy", headers=auth(ADMIN), json={"name": "lottery"})
+    assert r.status_code == 400
+    set_policy("equinox")
