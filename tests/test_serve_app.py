@@ -117,10 +117,12 @@ def test_a_client_disconnect_aborts_the_request_and_frees_its_slot(app):
     wait_until(lambda: fairness(ADMIN)["pools"]["cpu"]["running"] == 0)
 
 
-async def _flood(key: str, n: int, max_tokens: int) -> list[httpx.Response]:
+async def _flood(key: str, n: int, max_tokens: int, spread: int = 0) -> list[httpx.Response]:
+    """n requests at once; with `spread`, lengths vary over [max_tokens, max_tokens + spread) so slots free often."""
     async with httpx.AsyncClient(timeout=120) as http:
         return await asyncio.gather(*(http.post(f"{BASE}/v1/completions", headers=auth(key), json={
-            "model": MODEL, "prompt": "ka lo mi", "max_tokens": max_tokens, "ignore_eos": True}) for _ in range(n)))
+            "model": MODEL, "prompt": "ka lo mi", "max_tokens": max_tokens + (i * 53) % max(spread, 1),
+            "ignore_eos": True}) for i in range(n)))
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_other_users_are_unaffected(app):
@@ -164,7 +166,7 @@ async def _light_ttft(key: str, count: int) -> list[float]:
 
 def test_the_light_user_keeps_a_short_ttft_under_vtc_and_equinox_but_not_fcfs(app):
     async def phase():
-        heavy = asyncio.create_task(_flood(ALICE, 20, 120))
+        heavy = asyncio.create_task(_flood(ALICE, 24, 100, spread=300))
         await asyncio.sleep(0.8)
         light = await _light_ttft(BOB, 3)
         await heavy
@@ -175,8 +177,8 @@ def test_the_light_user_keeps_a_short_ttft_under_vtc_and_equinox_but_not_fcfs(ap
         set_policy(policy)
         ttft[policy] = asyncio.run(phase())
     print("light user mean TTFT by policy:", ttft)
-    assert ttft["vtc"] * 2 < ttft["fcfs"], ttft
-    assert ttft["equinox"] * 2 < ttft["fcfs"], ttft
+    assert ttft["vtc"] * 3 < ttft["fcfs"], ttft
+    assert ttft["equinox"] * 3 < ttft["fcfs"], ttft
 
 
 def test_only_an_admin_switches_policy_and_only_while_idle(app):
