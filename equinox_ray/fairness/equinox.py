@@ -60,7 +60,8 @@ class Equinox(VTC):
         *,
         weights: EquinoxWeights = EquinoxWeights(),
         predictor: Predictor | None = None,
-        dispatch: Literal["fastest", "least_loaded"] = "fastest",
+        dispatch: Literal["fastest", "cost", "least_loaded"] = "fastest",
+        e2e_slo_s: float | None = None,
         input_weight: float = 1.0,
         output_weight: float = 2.0,
     ) -> None:
@@ -73,6 +74,7 @@ class Equinox(VTC):
         self.name = "equinox"
         self.weights = weights
         self.dispatch = dispatch
+        self.e2e_slo_s = e2e_slo_s
         self.latency_deficit: dict[str, float] = defaultdict(float)
         self.resource: dict[str, float] = defaultdict(float)
         self._admissions: dict[str, _Admission] = {}
@@ -106,6 +108,11 @@ class Equinox(VTC):
             pool = least_loaded(candidates)
             return pool, self.predict(request, pool)
         predictions = {p.name: self.predict(request, p) for p in candidates}
+        if self.dispatch == "cost":
+            meeting = [p for p in candidates if self.e2e_slo_s is None or predictions[p.name].e2e_s <= self.e2e_slo_s]
+            if meeting:
+                pool = best_by(meeting, lambda p: predictions[p.name].busy_seconds(request.prompt_tokens) * p.cost_weight)
+                return pool, predictions[pool.name]
         pool = best_by(candidates, lambda p: predictions[p.name].e2e_s)
         return pool, predictions[pool.name]
 

@@ -16,15 +16,16 @@ class PoolView:
     free_kv_tokens: int = 1 << 30
     running: int = 0
     waiting: int = 0
-    throughput_tps: float = 1000.0  # measured tokens/s over a recent window (nominal until measured)
+    throughput_tps: float = 1000.0  # tokens/s one replica delivered over a recent window (nominal until measured)
     utilization: float = 1.0  # measured busy fraction over a recent window
     prefill_tps: float = 10_000.0  # nominal prompt tokens/s of one replica
     decode_tps: float = 50.0  # nominal output tokens/s of one sequence
     queue_delay_s: float = 0.0  # expected wait inside the pool before prefill starts
     cost_weight: float = 1.0  # relative price of a busy-second on this GPU type
+    max_request_tokens: int = 1 << 30  # the model context on this pool: prompt + max_tokens must fit
 
     def fits(self, kv_demand: int) -> bool:
-        return self.free_slots >= 1 and self.free_kv_tokens >= kv_demand
+        return self.free_slots >= 1 and self.free_kv_tokens >= kv_demand and kv_demand <= self.max_request_tokens
 
 
 def fitting_pools(kv_demand: int, pools: Sequence[PoolView]) -> list[PoolView]:

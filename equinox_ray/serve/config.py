@@ -42,6 +42,9 @@ class PolicyConfig(Strict):
     input_weight: float = Field(1.0, ge=0)
     output_weight: float = Field(2.0, ge=0)
     weights: WeightsConfig = WeightsConfig()
+    dispatch: Literal["fastest", "cost", "least_loaded"] = Field(
+        "fastest", description="Equinox's pool choice: fastest predicted, or cheapest that meets e2e_slo_s")
+    e2e_slo_s: float | None = Field(None, gt=0)
 
 
 class AutoscalingConfig(Strict):

@@ -26,6 +26,7 @@ class ReplicaState:
     tokens_per_s: float
     utilization: float
     kv_cache_usage: float
+    tpot_s: float | None
     seen: float
 
 
@@ -42,14 +43,17 @@ class PoolState:
         return sum(r.window for r in self.replicas.values())
 
     def view(self) -> PoolView:
-        replicas = self.replicas.values()
-        throughput = sum(r.tokens_per_s for r in replicas) or 1000.0
-        utilization = (sum(r.utilization for r in replicas) / len(self.replicas)) if self.replicas else 1.0
+        """Per-replica measured speeds (nominal until the first reports), the pool's free slots and context."""
+        replicas = list(self.replicas.values())
+        n = max(len(replicas), 1)
+        throughput = sum(r.tokens_per_s for r in replicas) / n or 1000.0
+        utilization = sum(r.utilization for r in replicas) / n if replicas else 1.0
+        tpots = [r.tpot_s for r in replicas if r.tpot_s]
         c = self.config
-        decode_tps = 50.0 if c.engine == "vllm" else 20.0
         return PoolView(name=c.name, gpu_type=c.gpu_type, free_slots=max(0, self.capacity() - self.running),
                         running=self.running, throughput_tps=throughput, utilization=max(utilization, 0.05),
-                        decode_tps=decode_tps, cost_weight=c.cost_weight)
+                        decode_tps=1.0 / (sum(tpots) / len(tpots)) if tpots else 50.0, cost_weight=c.cost_weight,
+                        max_request_tokens=c.max_model_len)
 
 
 @dataclass
@@ -140,10 +144,11 @@ class FairnessController:
 
     # -- from the replicas ------------------------------------------------------------------------------------
     def report(self, pool: str, replica: str, window: int, free_slots: int, tokens_per_s: float, utilization: float,
-               kv_cache_usage: float) -> dict:
+               kv_cache_usage: float, tpot_s: float | None = None) -> dict:
         state = self.pools[pool]
         now = self.now()
-        state.replicas[replica] = ReplicaState(window, free_slots, tokens_per_s, utilization, kv_cache_usage, now)
+        state.replicas[replica] = ReplicaState(window, free_slots, tokens_per_s, utilization, kv_cache_usage, tpot_s,
+                                               now)
         stale = now - 5 * self.config.report_interval_s
         for name in [r for r, s in state.replicas.items() if s.seen < stale]:
             del state.replicas[name]  # a replica that stopped reporting is gone
@@ -185,8 +190,10 @@ class FairnessController:
                 "service": self.policy_service(s),
                 "ttft_s": _percentiles(s.ttft_s), "e2e_s": _percentiles(s.e2e_s),
             }
+        backlog = self.backlog()
         pools = {name: {"gpu_type": p.config.gpu_type, "replicas": len(p.replicas), "capacity": p.capacity(),
-                        "running": p.running, "tokens_per_s": sum(r.tokens_per_s for r in p.replicas.values()),
+                        "running": p.running, "backlog": backlog[name],
+                        "tokens_per_s": sum(r.tokens_per_s for r in p.replicas.values()),
                         "utilization": p.view().utilization if p.replicas else None}
                  for name, p in self.pools.items()}
         return {"policy": self.policy.name, "time_s": self.now(), "users": rows, "pools": pools}

@@ -14,5 +14,5 @@ def make_policy(config: PolicyConfig, users: list[User], predictor: Predictor | 
     predictor = predictor or MovingAveragePredictor()
     if config.name == "vtc-predict":
         return VTC(users, input_weight=config.input_weight, output_weight=config.output_weight, predictor=predictor)
-    return Equinox(users, weights=config.weights.to_core(), predictor=predictor,
-                   input_weight=config.input_weight, output_weight=config.output_weight)
+    return Equinox(users, weights=config.weights.to_core(), predictor=predictor, dispatch=config.dispatch,
+                   e2e_slo_s=config.e2e_slo_s, input_weight=config.input_weight, output_weight=config.output_weight)

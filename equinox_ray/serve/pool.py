@@ -78,7 +78,7 @@ class PoolReplica:
                 r = self.replica.report()
                 answer = await controller.report.remote(
                     self.pool.name, self.name, r.window, r.free_slots, r.stats.tokens_per_s, r.stats.utilization,
-                    r.stats.kv_cache_usage)
+                    r.stats.kv_cache_usage, r.tpot_s)
                 self.backlog = answer.get("backlog", 0)
             except ray.exceptions.RayActorError:
                 controller = None  # recreated by Serve: look it up again

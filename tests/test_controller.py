@@ -1,0 +1,126 @@
+"""The fairness controller's logic, driven directly (it is a plain class; Serve hosts it as an actor)."""
+
+import asyncio
+
+import pytest
+
+from equinox_ray.serve.controller import FairnessController
+from equinox_ray.serve.errors import Busy, Cancelled, QueueFull
+
+
+def config(**policy):
+    return {
+        "model": {"name": "m", "tokenizer": None},
+        "users": [{"name": "a", "api_key": "key-aaaaaaaa"}, {"name": "b", "api_key": "key-bbbbbbbb"}],
+        "limits": {"max_queue_per_user": 3},
+        "policy": policy or {"name": "vtc"},
+        "pools": [
+            {"name": "h100", "gpu_type": "H100", "engine": "sim", "cost_weight": 8.0,
+             "sim": {"gpu": "H100", "max_model_len": 8192}, "admission": {"max_window": 2, "initial_window": 2}},
+            {"name": "l4", "gpu_type": "L4", "engine": "sim", "cost_weight": 1.0,
+             "sim": {"gpu": "L4", "max_model_len": 2048}, "admission": {"max_window": 2, "initial_window": 2}},
+        ],
+    }
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_grants_wait_for_free_slots_and_a_finish_releases_the_next():
+    async def main():
+        ctl = FairnessController(config())
+        grants = [asyncio.create_task(ctl.submit(f"r{i}", "a", 10, 10)) for i in range(5)]
+        await asyncio.sleep(0)
+        granted = [g for g in grants if g.done()]
+        assert len(granted) == 4  # two pools, two slots each
+        pool = granted[0].result()["pool"]
+        ctl.finish("r0", "a", pool, 10, 10, 0.1, 0.5, 0.2)
+        await asyncio.sleep(0)
+        assert all(g.done() for g in grants)
+        assert ctl.snapshot()["users"]["a"]["finished"] == 1
+
+    run(main())
+
+
+def test_a_full_user_queue_is_refused_and_other_users_are_not():
+    async def main():
+        ctl = FairnessController(config())
+        for i in range(4):  # fill the four slots
+            await ctl.submit(f"fill{i}", "a", 10, 10)
+        waiting = [asyncio.create_task(ctl.submit(f"w{i}", "a", 10, 10)) for i in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await ctl.submit("over", "a", 10, 10)
+        other = asyncio.create_task(ctl.submit("b0", "b", 10, 10))
+        await asyncio.sleep(0)
+        assert ctl.policy.queue_length("b") == 1 and not other.done()
+        assert ctl.snapshot()["users"]["a"]["rejected"] == 1
+        for t in waiting + [other]:
+            t.cancel()
+
+    run(main())
+
+
+def test_cancel_while_waiting_removes_the_request_and_fails_its_waiter():
+    async def main():
+        ctl = FairnessController(config())
+        for i in range(4):
+            await ctl.submit(f"fill{i}", "a", 10, 10)
+        waiter = asyncio.create_task(ctl.submit("w", "b", 10, 10))
+        await asyncio.sleep(0)
+        assert ctl.cancel("w") is True
+        with pytest.raises(Cancelled):
+            await waiter
+        assert ctl.policy.queue_length("b") == 0 and ctl.snapshot()["users"]["b"]["cancelled"] == 1
+
+    run(main())
+
+
+def test_a_request_too_long_for_a_pool_only_goes_where_it_fits():
+    async def main():
+        ctl = FairnessController(config())
+        grant = await ctl.submit("long", "a", 3000, 1000)  # over the L4 pool's 2,048-token context
+        return grant["pool"]
+
+    assert run(main()) == "h100"
+
+
+def test_backlog_goes_to_the_pool_that_suits_the_work():
+    """Cost dispatch: the cheapest pool meeting the SLO. With the H100 5x faster at 8x the price, short requests
+    suit the L4s; long ones only fit
+    the H100s. The backlog the autoscaler sees follows that split."""
+    async def main():
+        ctl = FairnessController(config(name="equinox", dispatch="cost", e2e_slo_s=30.0))
+        ctl.report("h100", "h0", 2, 0, 4000.0, 1.0, 0.5, tpot_s=0.015)
+        ctl.report("l4", "l0", 2, 0, 800.0, 1.0, 0.5, tpot_s=0.06)
+        ctl.pools["h100"].running = ctl.pools["l4"].running = 2  # both full: everything waits
+        tasks = [asyncio.create_task(ctl.submit("short0", "a", 50, 50)),
+                 asyncio.create_task(ctl.submit("short1", "b", 60, 40)),
+                 asyncio.create_task(ctl.submit("long0", "a", 3000, 1000))]
+        await asyncio.sleep(0)
+        backlog = ctl.backlog()
+        for t in tasks:
+            t.cancel()
+        return backlog
+
+    assert run(main()) == {"h100": 1, "l4": 2}
+
+
+def test_replicas_that_stop_reporting_are_dropped():
+    ctl = FairnessController(config())
+    ctl.report("l4", "gone", 2, 2, 100.0, 0.5, 0.1)
+    ctl.pools["l4"].replicas["gone"].seen -= 60
+    ctl.report("l4", "alive", 3, 3, 100.0, 0.5, 0.1)
+    assert set(ctl.pools["l4"].replicas) == {"alive"} and ctl.pools["l4"].capacity() == 3
+
+
+def test_policy_changes_only_while_idle():
+    async def main():
+        ctl = FairnessController(config())
+        assert ctl.set_policy({"name": "fcfs"}) == "fcfs"
+        await ctl.submit("x", "a", 10, 10)
+        with pytest.raises(Busy):
+            ctl.set_policy({"name": "vtc"})
+
+    run(main())
