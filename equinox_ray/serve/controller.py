@@ -14,6 +14,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from equinox_ray.fairness import InvalidRequest, Outcome, PoolView, Request, User
+from equinox_ray.fairness.pools import fitting_pools
 from equinox_ray.serve.config import AppConfig, PolicyConfig, PoolConfig
 from equinox_ray.serve.errors import Busy, Cancelled, QueueFull
 from equinox_ray.serve.policies import make_policy
@@ -171,8 +172,10 @@ class FairnessController:
         open_views = [PoolView(**{**v.__dict__, "free_slots": max(v.free_slots, 1)}) for v in views]
         counts = {name: 0 for name in self.pools}
         for request in self.policy.queues.waiting():
-            pool, _ = self.policy.choose_pool(request, open_views)
-            counts[pool.name] += 1
+            candidates = fitting_pools(request.prompt_tokens + request.max_tokens, open_views)
+            if candidates:
+                pool, _ = self.policy.choose_pool(request, candidates)
+                counts[pool.name] += 1
         return counts
 
     def snapshot(self, user: str | None = None) -> dict:
