@@ -36,6 +36,7 @@ class PoolState:
     config: PoolConfig
     replicas: dict[str, ReplicaState] = field(default_factory=dict)
     running: int = 0
+    granted: int = 0
 
     def capacity(self) -> int:
         if not self.replicas:  # no report yet: assume the starting replicas at their initial window
@@ -195,7 +196,7 @@ class FairnessController:
             }
         backlog = self.backlog()
         pools = {name: {"gpu_type": p.config.gpu_type, "replicas": len(p.replicas), "capacity": p.capacity(),
-                        "running": p.running, "backlog": backlog[name],
+                        "running": p.running, "granted": p.granted, "backlog": backlog[name],
                         "tokens_per_s": sum(r.tokens_per_s for r in p.replicas.values()),
                         "utilization": p.view().utilization if p.replicas else None}
                  for name, p in self.pools.items()}
@@ -213,6 +214,7 @@ class FairnessController:
                 return
             request = grant.request
             self.pools[grant.pool].running += 1
+            self.pools[grant.pool].granted += 1
             self._granted_at[request.id] = self.now()
             waiter = self._waiters.pop(request.id, None)
             prediction = grant.prediction.__dict__ if grant.prediction is not None else None

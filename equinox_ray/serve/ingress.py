@@ -98,7 +98,7 @@ class EquinoxIngress:
         self.tokenizer = Tokenizer(self.config.model.tokenizer)
         self.users = {u.api_key: u.name for u in self.config.users}
         self.admins = set(self.config.admin_keys)
-        self.max_model_len = min(p.max_model_len for p in self.config.pools)
+        self.max_model_len = max(p.max_model_len for p in self.config.pools)  # the controller picks a pool it fits
         self.model = self.config.model.name
 
     # -- routes ----------------------------------------------------------------------------------------------
