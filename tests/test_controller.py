@@ -124,3 +124,25 @@ def test_policy_changes_only_while_idle():
             ctl.set_policy({"name": "vtc"})
 
     run(main())
+
+
+def test_with_auth_off_the_user_field_names_the_user_and_new_users_are_admitted():
+    async def main():
+        raw = config()
+        raw.update(auth=False, users=[])
+        ctl = FairnessController(raw)
+        grant = await ctl.submit("r", "demo-user", 10, 10)
+        return grant["pool"], ctl.policy.users["demo-user"].weight
+
+    pool, weight = run(main())
+    assert pool in ("h100", "l4") and weight == 1.0
+
+
+def test_with_auth_on_unknown_users_are_refused():
+    from equinox_ray.fairness import InvalidRequest
+
+    async def main():
+        await FairnessController(config()).submit("r", "mallory", 10, 10)
+
+    with pytest.raises(InvalidRequest, match="mallory"):
+        run(main())

@@ -1,16 +1,12 @@
 """The application builder: `serve run deploy/equinox.yaml` calls `build` with the YAML `args`, validated as an
 `AppConfig`. One deployment per pool (its accelerator type and autoscaling), and the ingress, which hosts the
-fairness controller as a deployment-scoped actor."""
+fairness controller in its own replica."""
 
 from __future__ import annotations
 
-import ray
 from ray.serve import Application
-from ray.serve.config import DeploymentActorConfig
 
 from equinox_ray.serve.config import AppConfig, PoolConfig
-from equinox_ray.serve.controller import FairnessController
-from equinox_ray.serve.controller_handle import CONTROLLER_ACTOR
 from equinox_ray.serve.ingress import EquinoxIngress
 from equinox_ray.serve.pool import PoolReplica
 
@@ -40,6 +36,4 @@ def build(config: AppConfig) -> Application:
     raw = config.model_dump(mode="json")
     pools = {p.name: PoolReplica.options(**pool_options(p)).bind(p.model_dump(mode="json"), config.report_interval_s)
              for p in config.pools}
-    controller = DeploymentActorConfig(name=CONTROLLER_ACTOR, actor_class=ray.remote(FairnessController),
-                                       init_kwargs={"config": raw}, actor_options={"num_cpus": 0})
-    return EquinoxIngress.options(deployment_actors=[controller], ray_actor_options={"num_cpus": 0}).bind(raw, pools)
+    return EquinoxIngress.options(ray_actor_options={"num_cpus": 0}).bind(raw, pools)

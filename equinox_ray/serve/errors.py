@@ -1,7 +1,4 @@
-"""Errors the controller raises and the ingress maps to HTTP statuses.
-
-They live apart from controller.py on purpose: Serve pickles the controller actor's own module by value, so classes
-defined there would not be the same classes the ingress catches."""
+"""Errors the controller raises and the ingress maps to HTTP statuses."""
 
 
 class QueueFull(Exception):

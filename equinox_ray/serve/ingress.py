@@ -20,7 +20,7 @@ from ray import serve
 from equinox_ray.engines.types import EngineError, GenerationRequest, RequestRejected
 from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.errors import Busy, Cancelled, QueueFull
-from equinox_ray.serve.controller_handle import CONTROLLER_ACTOR
+from equinox_ray.serve.controller import FairnessController
 from equinox_ray.serve.openai_protocol import (
     APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, sse, usage,
 )
@@ -88,13 +88,15 @@ class Tokenizer:
         return self.encode("".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:")
 
 
-@serve.deployment(max_ongoing_requests=4096)
+@serve.deployment(max_ongoing_requests=4096, num_replicas=1)
 @serve.ingress(api)
 class EquinoxIngress:
+    """Hosts the global fairness controller in its own process (one replica): a grant costs no remote call."""
+
     def __init__(self, config: dict, pools: dict) -> None:
         self.config = AppConfig.model_validate(config)
         self.pools = pools
-        self.controller = serve.get_deployment_actor(CONTROLLER_ACTOR)
+        self.controller = FairnessController(config)
         self.tokenizer = Tokenizer(self.config.model.tokenizer)
         self.users = {u.api_key: u.name for u in self.config.users}
         self.admins = set(self.config.admin_keys)
@@ -114,9 +116,9 @@ class EquinoxIngress:
     async def fairness(self, request: Request) -> dict:
         key = _bearer(request)
         if key in self.admins:
-            return await self.controller.snapshot.remote()
+            return self.controller.snapshot()
         user = self._user_for_key(key, None)
-        return await self.controller.snapshot.remote(user)
+        return self.controller.snapshot(user)
 
     @api.put("/v1/admin/policy")
     async def set_policy(self, request: Request) -> dict:
@@ -126,7 +128,7 @@ class EquinoxIngress:
                            code="forbidden")
         try:
             body = PolicyConfig.model_validate(json.loads(await request.body()))
-            return {"policy": await self.controller.set_policy.remote(body.model_dump())}
+            return {"policy": self.controller.set_policy(body.model_dump())}
         except json.JSONDecodeError as exc:
             raise APIError(400, f"the body is not valid JSON: {exc}", "invalid_request_error") from None
         except Busy as exc:
@@ -146,6 +148,12 @@ class EquinoxIngress:
         body = await _parse(request, ChatRequest)
         user = self._user_for_key(_bearer(request), body.user)
         return await self._serve(body, user, self.tokenizer.chat(body.messages), body.requested_max_tokens, chat=True)
+
+    # -- from the pool replicas (Serve handle calls) --------------------------------------------------------------
+    def report(self, pool: str, replica: str, window: int, free_slots: int, tokens_per_s: float, utilization: float,
+               kv_cache_usage: float, tpot_s: float | None = None) -> dict:
+        return self.controller.report(pool, replica, window, free_slots, tokens_per_s, utilization, kv_cache_usage,
+                                      tpot_s)
 
     # -- the request path --------------------------------------------------------------------------------------
     def _user_for_key(self, key: str | None, claimed: str | None) -> str:
@@ -186,15 +194,14 @@ class EquinoxIngress:
 
     async def _wait_for_grant(self, rid: str, user: str, prompt_tokens: int, max_tokens: int) -> dict:
         try:
-            return await self.controller.submit.remote(rid, user, prompt_tokens, max_tokens)
+            return await self.controller.submit(rid, user, prompt_tokens, max_tokens)
         except QueueFull as exc:
             retry = self.config.limits.retry_after_s
             raise APIError(429, str(exc), "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(retry)}) from None
         except Cancelled:
             raise APIError(499, "request cancelled", "invalid_request_error") from None
-        except asyncio.CancelledError:
-            self.controller.cancel.remote(rid)  # the client went away while it waited
+        except asyncio.CancelledError:  # the client went away while it waited: submit took it out of the queue
             raise
 
     async def _stream(self, pool: str, generation: GenerationRequest, user: str):
@@ -205,7 +212,7 @@ class EquinoxIngress:
             async for chunk in response:
                 served += len(chunk.token_ids)
                 if served - reported >= PROGRESS_EVERY:
-                    self.controller.progress.remote(generation.id, served - reported)
+                    self.controller.progress(generation.id, served - reported)
                     reported = served
                 if chunk.usage is not None:
                     final = chunk
@@ -214,7 +221,7 @@ class EquinoxIngress:
             if final is None:
                 response.cancel()  # aborts the engine request on the replica
             u = final.usage if final is not None else None
-            self.controller.finish.remote(
+            self.controller.finish(
                 generation.id, user, pool, len(generation.prompt_token_ids), u.output_tokens if u else served,
                 u.ttft_s if u else 0.0, u.e2e_s if u else 0.0, u.busy_seconds if u else 0.0,
                 cancelled=final is None or final.finish_reason == "abort")

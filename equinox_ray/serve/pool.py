@@ -1,8 +1,8 @@
 """A pool replica: one engine (vLLM or the simulated GPU) with its admission window, as a Serve deployment.
 
 The app builder binds this class once per pool, each with its own name, accelerator type and autoscaling. Every
-`report_interval_s` the replica reports its state to the controller, which answers with the pool's backlog; that
-backlog is the custom autoscaling policy's signal (autoscaling.py).
+`report_interval_s` the replica reports its state to the controller (hosted by the ingress), which answers with the
+pool's backlog; that backlog is the custom autoscaling policy's signal (autoscaling.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import logging
 from typing import AsyncIterator
 
-import ray
 from ray import serve
 
 from equinox_ray.engines.admission import AdmissionWindow
@@ -20,10 +19,10 @@ from equinox_ray.engines.sim_engine import SimEngine
 from equinox_ray.engines.types import GenerationRequest, TokenChunk
 from equinox_ray.engines.vllm_engine import VLLMEngine
 from equinox_ray.serve.config import PoolConfig
-from equinox_ray.serve.controller_handle import find_controller
 from equinox_ray.serve.paths import resolve
 
 log = logging.getLogger("ray.serve")
+INGRESS_DEPLOYMENT = "EquinoxIngress"
 
 
 def make_engine(pool: PoolConfig):
@@ -68,22 +67,19 @@ class PoolReplica:
         return {"backlog": float(self.backlog), "in_flight": float(self.replica.in_flight + self.replica.local_queue)}
 
     async def _report_loop(self) -> None:
-        controller = None
+        """Report to the controller, which the ingress hosts, through a Serve handle to the ingress."""
+        ingress = None
         while True:
             await asyncio.sleep(self.report_interval_s)
             try:
-                controller = controller or find_controller(self.app_name)
-                if controller is None:
-                    continue
+                ingress = ingress or serve.get_deployment_handle(INGRESS_DEPLOYMENT, self.app_name)
                 r = self.replica.report()
-                answer = await controller.report.remote(
+                answer = await ingress.report.remote(
                     self.pool.name, self.name, r.window, r.free_slots, r.stats.tokens_per_s, r.stats.utilization,
                     r.stats.kv_cache_usage, r.tpot_s)
                 self.backlog = answer.get("backlog", 0)
-            except ray.exceptions.RayActorError:
-                controller = None  # recreated by Serve: look it up again
-            except Exception:
-                log.exception("report to the fairness controller failed")
+            except Exception:  # the ingress may be starting or restarting: try again next time
+                log.warning("report to the fairness controller failed", exc_info=True)
 
     async def __del__(self) -> None:
         self._reporter.cancel()
