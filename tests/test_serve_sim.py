@@ -91,3 +91,19 @@ def test_a_wrong_config_names_the_field():
     args["users"][0]["weight"] = -1
     with pytest.raises(ValidationError, match=r"users\.0\.weight"):
         AppConfig.model_validate(args)
+
+
+def test_serve_validates_the_yaml_args_against_the_config_model():
+    """The path `serve run deploy/*.yaml` takes: Serve's own builder call, which must see the pydantic type."""
+    from pydantic import ValidationError
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from equinox_ray.serve.app import build
+
+    for name in ("equinox.yaml", "equinox-sim.yaml", "equinox-hetero.yaml"):
+        assert isinstance(call_user_app_builder_with_args_if_necessary(build, app_args(name)), Application)
+    bad = app_args("equinox.yaml")
+    bad["pools"][0]["engine"] = "tensorrt"
+    with pytest.raises(ValidationError, match=r"pools\.0\.engine"):
+        call_user_app_builder_with_args_if_necessary(build, bad)

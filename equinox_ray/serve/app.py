@@ -1,8 +1,10 @@
 """The application builder: `serve run deploy/equinox.yaml` calls `build` with the YAML `args`, validated as an
 `AppConfig`. One deployment per pool (its accelerator type and autoscaling), and the ingress, which hosts the
-fairness controller in its own replica."""
+fairness controller in its own replica.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: Serve validates the YAML `args` only when `build`'s annotation is
+the pydantic class itself, not a string."""
+
 
 from ray.serve import Application
 
