@@ -3,7 +3,7 @@ from hypothesis import given, settings, strategies as st
 
 from equinox_ray.fairness import (
     FCFS, VTC, Equinox, EquinoxWeights, InvalidRequest, MovingAveragePredictor, Outcome, PoolView, Request,
-    UnknownUser, User,
+    UnknownUser, User, ZeroOutputPredictor,
 )
 from token_loop import max_gap_while_backlogged, run
 
@@ -208,7 +208,7 @@ def test_equinox_with_zero_latency_and_resource_weights_is_vtc(workload, capacit
     for label, predictor_on in [("plain", False), ("predicted", True)]:
         vtc = VTC(users(*names), predictor=MovingAveragePredictor() if predictor_on else None)
         equinox = Equinox(users(*names), weights=zero, dispatch="least_loaded",
-                          predictor=MovingAveragePredictor() if predictor_on else _ZeroPredictor())
+                          predictor=MovingAveragePredictor() if predictor_on else ZeroOutputPredictor())
         a = run(vtc, _copy(arrivals), capacity, steps=300, pools=2, slow_users=slow)
         b = run(equinox, _copy(arrivals), capacity, steps=300, pools=2, slow_users=slow)
         assert a.grants == b.grants, label
@@ -259,19 +259,6 @@ def test_fcfs_lets_a_flood_delay_a_light_user_while_vtc_does_not():
         result = run(policy, flood + light, capacity=256, steps=1000)
         position[policy.name] = [rid for rid, _ in result.grants].index("l0")
     assert position["vtc"] < 10 < position["fcfs"]
-
-
-class _ZeroPredictor:
-    from equinox_ray.fairness.prediction import ZeroOutputPredictor as _Z
-
-    def __init__(self):
-        self._inner = self._Z()
-
-    def predict(self, request, pool):
-        return self._inner.predict(request, pool)
-
-    def observe(self, outcome):
-        pass
 
 
 def _copy(arrivals):

@@ -34,7 +34,7 @@ def run(policy: Policy, arrivals: list[tuple[int, Request, int]], capacity: int,
         while True:
             views = []
             for name in names:
-                used = sum(r.prompt_tokens + r.max_tokens for r, p, *_ in running.values() if p == name)
+                used = sum(r.kv_demand for r, p, *_ in running.values() if p == name)
                 views.append(PoolView(name=name, free_slots=64, free_kv_tokens=capacity - used))
             grant = policy.schedule(views, now=step)
             if grant is None:

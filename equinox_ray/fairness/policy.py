@@ -94,7 +94,7 @@ class Policy:
             return None
         user = top[0]
         request = self.queues.head(user)
-        candidates = fitting_pools(request.prompt_tokens + request.max_tokens, pools)
+        candidates = fitting_pools(request.kv_demand, pools)
         if not candidates:
             return None
         pool, prediction = self.choose_pool(request, candidates)

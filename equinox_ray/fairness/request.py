@@ -54,5 +54,5 @@ class Request:
 
     @property
     def kv_demand(self) -> int:
-        """Tokens of KV cache the request needs to start (its prompt)."""
-        return self.prompt_tokens
+        """Tokens of KV cache and context the request may need: its prompt plus max_tokens, reserved up front."""
+        return self.prompt_tokens + self.max_tokens

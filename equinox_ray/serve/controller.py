@@ -9,11 +9,13 @@ loop: while the policy grants and a pool has a free slot, hand out grants.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from equinox_ray.fairness import InvalidRequest, Outcome, PoolView, Request, User
+from equinox_ray.fairness.metrics import percentiles
 from equinox_ray.fairness.pools import fitting_pools
 from equinox_ray.serve.config import AppConfig, PolicyConfig, PoolConfig
 from equinox_ray.serve.errors import Busy, Cancelled, QueueFull
@@ -173,7 +175,7 @@ class FairnessController:
         open_views = [PoolView(**{**v.__dict__, "free_slots": max(v.free_slots, 1)}) for v in views]
         counts = {name: 0 for name in self.pools}
         for request in self.policy.queues.waiting():
-            candidates = fitting_pools(request.prompt_tokens + request.max_tokens, open_views)
+            candidates = fitting_pools(request.kv_demand, open_views)
             if candidates:
                 pool, _ = self.policy.choose_pool(request, candidates)
                 counts[pool.name] += 1
@@ -228,9 +230,5 @@ class FairnessController:
 
 
 def _percentiles(values) -> dict:
-    import numpy as np
-
-    if not values:
-        return {"p50": None, "p99": None}
-    x = np.asarray(values)
-    return {"p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99))}
+    """p50 and p99 for JSON: None where there is nothing to measure yet."""
+    return {k: (None if math.isnan(v) else v) for k, v in percentiles(values).items()}

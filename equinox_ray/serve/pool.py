@@ -53,12 +53,6 @@ class PoolReplica:
         async for chunk in self.replica.generate(request):
             yield chunk
 
-    def report(self) -> dict:
-        r = self.replica.report()
-        return {"replica": r.replica, "pool": r.pool, "window": r.window, "in_flight": r.in_flight,
-                "local_queue": r.local_queue, "free_slots": r.free_slots, "tpot_s": r.tpot_s,
-                "stats": r.stats.__dict__}
-
     def check_health(self) -> None:
         if not self.replica.healthy():
             raise RuntimeError(f"pool {self.pool.name} replica {self.name}: engine unhealthy")
