@@ -16,6 +16,7 @@ class PoolView:
     free_kv_tokens: int = 1 << 30
     running: int = 0
     waiting: int = 0
+    kv_usage: float = 0.0  # the replicas' mean KV-cache use, 0..1
     throughput_tps: float = 1000.0  # tokens/s one replica delivered over a recent window (nominal until measured)
     utilization: float = 1.0  # measured busy fraction over a recent window
     prefill_tps: float = 10_000.0  # nominal prompt tokens/s of one replica

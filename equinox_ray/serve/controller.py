@@ -57,6 +57,7 @@ class PoolState:
         return PoolView(name=c.name, gpu_type=c.gpu_type, free_slots=max(0, self.capacity() - self.running),
                         running=self.running, throughput_tps=throughput, utilization=max(utilization, 0.05),
                         decode_tps=1.0 / (sum(tpots) / len(tpots)) if tpots else 50.0, cost_weight=c.cost_weight,
+                        kv_usage=sum(r.kv_cache_usage for r in replicas) / n,
                         max_request_tokens=c.max_model_len)
 
 

@@ -1,0 +1,1 @@
+"""MoPE: a deterministic mixture of XGBoost prediction experts (output tokens, latency, throughput, utilization)."""
