@@ -20,7 +20,7 @@ from equinox_ray.mope.features import TARGETS
 from equinox_ray.mope.predictor import MoPE
 from equinox_ray.workloads import synthetic, traces
 from predictors.replay import replay
-from predictors.train import mae_mape, split_runs
+from predictors.train import DEFAULT_MODELS, mae_mape, split_runs
 
 
 def runs_of(workload) -> list[list[dict]]:
@@ -71,8 +71,8 @@ def evaluate(name: str, runs: list[list[dict]]) -> list[str]:
     return rows
 
 
-def prediction_cost(model_dir: str = "predictors/models") -> tuple[float, float]:
-    mope = MoPE(model_dir)
+def prediction_cost() -> tuple[float, float]:
+    mope = MoPE(DEFAULT_MODELS)
     pool = PoolView("a100", gpu_type="A100", free_slots=8, running=20)
     requests = [Request(f"r{i}", f"u{i % 7}", 0.0, 20 + 37 * i % 1500, 512) for i in range(64)]
     items = [(r, pool) for r in requests]

@@ -11,9 +11,9 @@ from equinox_ray.mope.features import FEATURES, band_of, record_features
 from equinox_ray.mope.predictor import MoPE
 from equinox_ray.workloads import traces
 from predictors.replay import replay
-from predictors.train import mae_mape, split_runs, train
+from predictors.train import DEFAULT_MODELS, mae_mape, split_runs, train
 
-MODELS = "predictors/models"
+MODELS = str(DEFAULT_MODELS)
 POOL = PoolView("a100", gpu_type="A100", free_slots=8, running=12, waiting=1, kv_usage=0.3)
 
 
@@ -26,7 +26,7 @@ def test_predictions_are_deterministic_across_processes():
     request = Request("r", "u", 0.0, 300, 512)
     here = MoPE(MODELS).predict(request, POOL)
     code = ("from equinox_ray.mope.predictor import MoPE; from equinox_ray.fairness import PoolView, Request; "
-            "p = MoPE('predictors/models').predict(Request('r', 'u', 0.0, 300, 512), PoolView('a100', "
+            f"p = MoPE({MODELS!r}).predict(Request('r', 'u', 0.0, 300, 512), PoolView('a100', "
             "gpu_type='A100', free_slots=8, running=12, waiting=1, kv_usage=0.3)); "
             "print(repr((p.output_tokens, p.ttft_s, p.e2e_s, p.throughput_tps, p.utilization)))")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
