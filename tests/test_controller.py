@@ -146,3 +146,24 @@ def test_with_auth_on_unknown_users_are_refused():
 
     with pytest.raises(InvalidRequest, match="mallory"):
         run(main())
+
+
+def test_the_serving_path_writes_completion_records_that_training_reads(tmp_path):
+    from predictors import records
+
+    path = tmp_path / "records.jsonl"
+
+    async def main():
+        ctl = FairnessController({**config(name="equinox"), "records_path": str(path)})
+        for i in range(3):
+            grant = await ctl.submit(f"r{i}", "a", 40 + i, 20)
+            ctl.finish(f"r{i}", "a", grant["pool"], 40 + i, 15, 0.1, 0.9, 0.4)
+        grant = await ctl.submit("gone", "b", 10, 10)
+        ctl.finish("gone", "b", grant["pool"], 10, 3, 0.0, 0.0, 0.0, cancelled=True)
+        return ctl.policy.predictor
+
+    predictor = run(main())
+    rows = records.read(path)
+    assert [r["prompt_tokens"] for r in rows] == [40, 41, 42]  # the cancelled one is not training data
+    assert all(r["output_tokens"] == 15 and r["gpu"] in ("H100", "L4") for r in rows)
+    assert type(predictor).__name__ == "MoPE" and predictor.experts  # the shipped models were loaded

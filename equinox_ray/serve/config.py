@@ -45,6 +45,10 @@ class PolicyConfig(Strict):
     dispatch: Literal["fastest", "cost", "least_loaded"] = Field(
         "fastest", description="Equinox's pool choice: fastest predicted, or cheapest that meets e2e_slo_s")
     e2e_slo_s: float | None = Field(None, gt=0)
+    predictor: Literal["mope", "moving-average"] = Field(
+        "mope", description="what vtc-predict and equinox predict with; mope falls back to the moving average "
+                            "(logged) when its models are missing")
+    models: str = Field("predictors/models", description="MoPE model directory")
 
 
 class AutoscalingConfig(Strict):
@@ -111,6 +115,8 @@ class AppConfig(Strict):
     auth: bool = Field(True, description="False: no keys, the OpenAI `user` field names the user (local demos)")
     limits: LimitsConfig = LimitsConfig()
     report_interval_s: float = Field(0.5, gt=0, le=1.0)
+    records_path: str | None = Field(None, description="append a JSONL completion record per finished request "
+                                                       "(predictors/records.py), to train MoPE on")
 
     @model_validator(mode="after")
     def _unique(self) -> "AppConfig":

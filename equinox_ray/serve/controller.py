@@ -9,6 +9,7 @@ loop: while the policy grants and a pool has a free slot, hand out grants.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections import defaultdict, deque
@@ -82,6 +83,8 @@ class FairnessController:
         self.stats: dict[str, UserStats] = defaultdict(UserStats)
         self._waiters: dict[str, asyncio.Future] = {}
         self._granted_at: dict[str, float] = {}
+        self._admitted: dict[str, dict] = {}  # request id -> pool state at the grant, for completion records
+        self._records = open(self.config.records_path, "a") if self.config.records_path else None
         self._t0 = time.monotonic()
 
     def now(self) -> float:
@@ -122,6 +125,7 @@ class FairnessController:
         outcome = Outcome(request_id, user, pool, prompt_tokens, output_tokens, ttft_s, e2e_s, busy_seconds,
                           cancelled=cancelled)
         request = self.policy.finish(outcome, self.now())
+        self._record(request, pool, output_tokens, ttft_s, e2e_s, cancelled)
         s = self.stats[user]
         s.output_tokens += output_tokens
         s.prompt_tokens += prompt_tokens
@@ -134,6 +138,21 @@ class FairnessController:
             s.e2e_s.append(queue_wait + e2e_s)
         self._dispatch()
         return self.policy.counters(user)
+
+    def _record(self, request: Request, pool: str, output_tokens: int, ttft_s: float, e2e_s: float,
+                cancelled: bool) -> None:
+        """One completion record (predictors/records.py's schema) per finished request, when configured."""
+        admitted = self._admitted.pop(request.id, None)
+        if self._records is None or admitted is None or cancelled:
+            return
+        state = self.pools[pool]
+        view = state.view()
+        self._records.write(json.dumps({
+            "arrival_s": request.arrival, "user": request.user, "prompt_tokens": request.prompt_tokens,
+            "max_tokens": request.max_tokens, "gpu": state.config.gpu_type, **admitted,
+            "output_tokens": output_tokens, "ttft_s": ttft_s, "e2e_s": e2e_s,
+            "throughput_tps": view.throughput_tps, "utilization": view.utilization, "finish_s": self.now()}) + "\n")
+        self._records.flush()
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request that has not been granted (the client went away)."""
@@ -216,8 +235,13 @@ class FairnessController:
             if grant is None:
                 return
             request = grant.request
-            self.pools[grant.pool].running += 1
-            self.pools[grant.pool].granted += 1
+            pool_state = self.pools[grant.pool]
+            if self._records is not None:
+                view = pool_state.view()
+                self._admitted[request.id] = {"running": view.running, "waiting": view.waiting,
+                                              "kv_usage": view.kv_usage, "window": pool_state.capacity()}
+            pool_state.running += 1
+            pool_state.granted += 1
             self._granted_at[request.id] = self.now()
             waiter = self._waiters.pop(request.id, None)
             prediction = grant.prediction.__dict__ if grant.prediction is not None else None
