@@ -167,3 +167,21 @@ def test_the_serving_path_writes_completion_records_that_training_reads(tmp_path
     assert [r["prompt_tokens"] for r in rows] == [40, 41, 42]  # the cancelled one is not training data
     assert all(r["output_tokens"] == 15 and r["gpu"] in ("H100", "L4") for r in rows)
     assert type(predictor).__name__ == "MoPE" and predictor.experts  # the shipped models were loaded
+
+
+def test_a_caller_cancelled_at_the_moment_of_its_grant_releases_the_slot():
+    async def main():
+        ctl = FairnessController(config())
+        pools = [(await ctl.submit(f"fill{i}", "a", 10, 10))["pool"] for i in range(4)]  # all four slots
+        last = asyncio.create_task(ctl.submit("last", "b", 10, 10))
+        await asyncio.sleep(0)  # queued, awaiting its grant
+        ctl.finish("fill0", "a", pools[0], 10, 5, 0.1, 0.5, 0.1)  # frees a slot: "last" is granted...
+        last.cancel()  # ...and its caller goes away before it resumes
+        with pytest.raises(asyncio.CancelledError):
+            await last
+        snapshot = ctl.snapshot()
+        return sum(p["running"] for p in snapshot["pools"].values()), snapshot["users"]["b"]
+
+    running, b = run(main())
+    assert running == 3  # the three fills still running; the grant to "last" was released
+    assert b["cancelled"] == 1 and b["running"] == 0 and b["queue_length"] == 0

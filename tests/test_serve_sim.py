@@ -107,3 +107,15 @@ def test_serve_validates_the_yaml_args_against_the_config_model():
     bad["pools"][0]["engine"] = "tensorrt"
     with pytest.raises(ValidationError, match=r"pools\.0\.engine"):
         call_user_app_builder_with_args_if_necessary(build, bad)
+
+
+def test_every_ingress_method_that_touches_the_controller_runs_on_the_event_loop():
+    """Serve runs plain methods in a thread pool; a threaded `report` raced the event loop's dispatch and corrupted
+    the queues under load (found replaying 400 LMSYS requests). The controller is single-threaded state."""
+    import inspect
+
+    from equinox_ray.serve.ingress import EquinoxIngress
+
+    cls = EquinoxIngress.func_or_class
+    for name in ("report", "completions", "chat_completions", "fairness", "set_policy"):
+        assert inspect.iscoroutinefunction(getattr(cls, name)), name

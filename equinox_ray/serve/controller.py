@@ -32,6 +32,7 @@ class ReplicaState:
     kv_cache_usage: float
     tpot_s: float | None
     seen: float
+    detail: dict = field(default_factory=dict)  # in flight, local queue, engine running and waiting
 
 
 @dataclass
@@ -109,7 +110,12 @@ class FairnessController:
         try:
             return await waiter
         except asyncio.CancelledError:
-            self.cancel(request_id)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # granted just as the caller went away: release the grant, nothing was served
+                self.finish(request_id, user, waiter.result()["pool"], prompt_tokens, 0, 0.0, 0.0, 0.0,
+                            cancelled=True)
+            else:
+                self.cancel(request_id)
             raise
 
     def progress(self, request_id: str, new_tokens: int) -> None:
@@ -168,11 +174,11 @@ class FairnessController:
 
     # -- from the replicas ------------------------------------------------------------------------------------
     def report(self, pool: str, replica: str, window: int, free_slots: int, tokens_per_s: float, utilization: float,
-               kv_cache_usage: float, tpot_s: float | None = None) -> dict:
+               kv_cache_usage: float, tpot_s: float | None = None, detail: dict | None = None) -> dict:
         state = self.pools[pool]
         now = self.now()
         state.replicas[replica] = ReplicaState(window, free_slots, tokens_per_s, utilization, kv_cache_usage, tpot_s,
-                                               now)
+                                               now, detail or {})
         stale = now - 5 * self.config.report_interval_s
         for name in [r for r, s in state.replicas.items() if s.seen < stale]:
             del state.replicas[name]  # a replica that stopped reporting is gone
@@ -220,7 +226,8 @@ class FairnessController:
         pools = {name: {"gpu_type": p.config.gpu_type, "replicas": len(p.replicas), "capacity": p.capacity(),
                         "running": p.running, "granted": p.granted, "backlog": backlog[name],
                         "tokens_per_s": sum(r.tokens_per_s for r in p.replicas.values()),
-                        "utilization": p.view().utilization if p.replicas else None}
+                        "utilization": p.view().utilization if p.replicas else None,
+                        "replicas_detail": {r: {"window": s.window, **s.detail} for r, s in p.replicas.items()}}
                  for name, p in self.pools.items()}
         return {"policy": self.policy.name, "time_s": self.now(), "users": rows, "pools": pools}
 

@@ -67,6 +67,12 @@ async def _parse(request: Request, model):
         raise APIError(400, f"{param}: {first['msg']}", "invalid_request_error", param) from None
 
 
+async def _prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
+
+
 class Tokenizer:
     """Counts prompt tokens at the door, so a prompt that cannot fit is refused before it queues."""
 
@@ -150,10 +156,12 @@ class EquinoxIngress:
         return await self._serve(body, user, self.tokenizer.chat(body.messages), body.requested_max_tokens, chat=True)
 
     # -- from the pool replicas (Serve handle calls) --------------------------------------------------------------
-    def report(self, pool: str, replica: str, window: int, free_slots: int, tokens_per_s: float, utilization: float,
-               kv_cache_usage: float, tpot_s: float | None = None) -> dict:
+    async def report(self, pool: str, replica: str, window: int, free_slots: int, tokens_per_s: float,
+                     utilization: float, kv_cache_usage: float, tpot_s: float | None = None,
+                     detail: dict | None = None) -> dict:
+        # async on purpose: Serve runs plain methods in a thread pool, and the controller is single-threaded state
         return self.controller.report(pool, replica, window, free_slots, tokens_per_s, utilization, kv_cache_usage,
-                                      tpot_s)
+                                      tpot_s, detail)
 
     # -- the request path --------------------------------------------------------------------------------------
     def _user_for_key(self, key: str | None, claimed: str | None) -> str:
@@ -187,6 +195,12 @@ class EquinoxIngress:
         generation = GenerationRequest(rid, max_tokens, prompt_token_ids=list(ids), ignore_eos=body.ignore_eos,
                                        temperature=body.temperature)
         chunks = self._stream(grant["pool"], generation, user)
+        try:  # start the stream here, so that from the grant on a running generator owns the request
+            first = await chunks.__anext__()
+        except BaseException:
+            await chunks.aclose()
+            raise
+        chunks = _prepend(first, chunks)
         if body.stream:
             return StreamingResponse(self._sse(chunks, rid, chat, body.include_usage),
                                      media_type="text/event-stream")

@@ -70,7 +70,9 @@ class PoolReplica:
                 r = self.replica.report()
                 answer = await ingress.report.remote(
                     self.pool.name, self.name, r.window, r.free_slots, r.stats.tokens_per_s, r.stats.utilization,
-                    r.stats.kv_cache_usage, r.tpot_s)
+                    r.stats.kv_cache_usage, r.tpot_s,
+                    {"in_flight": r.in_flight, "local_queue": r.local_queue, "engine_running": r.stats.running,
+                     "engine_waiting": r.stats.waiting, "finished": r.finished})
                 self.backlog = answer.get("backlog", 0)
             except Exception:  # the ingress may be starting or restarting: try again next time
                 log.warning("report to the fairness controller failed", exc_info=True)
