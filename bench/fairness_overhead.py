@@ -49,8 +49,9 @@ class DirectIngress:
         return {"usage": {"completion_tokens": n}}
 
 
-def config() -> AppConfig:
+def config(predictor: str = "mope") -> AppConfig:
     args = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
+    args["policy"]["predictor"] = predictor
     args["pools"][0]["admission"] = {"max_window": 32, "initial_window": 32}
     args["limits"]["max_queue_per_user"] = 4096
     return AppConfig.model_validate(args)
@@ -92,10 +93,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--per-client", type=int, default=8)
     parser.add_argument("--saturation-tokens", type=int, default=64)
+    parser.add_argument("--predictor", choices=["mope", "moving-average"], default="mope")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    cfg = config()
+    cfg = config(args.predictor)
     pool = cfg.pools[0]
     direct_app = DirectIngress.bind(PoolReplica.options(**pool_options(pool)).bind(pool.model_dump(mode="json")))
     t = time.perf_counter()
@@ -111,7 +113,7 @@ def main() -> None:
     results = {name: {"p50": float(np.median(latency[prefix])), "p99": float(np.percentile(latency[prefix], 99)),
                       "tps": tps[prefix]} for name, prefix in (("direct", "/direct"), ("equinox", ""))}
     d, e = results["direct"], results["equinox"]
-    print(f"\n## Fairness path overhead (vLLM CPU replica, tiny model; {args.requests} requests of "
+    print(f"\n## Fairness path overhead ({args.predictor} predictor; vLLM CPU replica, tiny model; {args.requests} requests of "
           f"{args.max_tokens} tokens to each path, alternating; saturation: {args.clients} clients x {args.per_client} requests of "
           f"{args.saturation_tokens} tokens)\n")
     print("| path | p50 latency ms | p99 latency ms | saturated output tokens/s |")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from equinox_ray.mope.features import TARGETS, UserHistory, band_of, feature_row
 
 log = logging.getLogger("equinox.mope")
 CORRECTION_SMOOTHING = 0.2
+MAX_RECORDS = 50_000
 
 
 class MoPE:
@@ -34,7 +35,7 @@ class MoPE:
         self.fallbacks = 0
         self.output_ratio: dict[str, float] = {}
         self.latency_ratio: dict[str, float] = {}
-        self.records: list[tuple[np.ndarray, dict]] = []
+        self.records: deque[tuple[np.ndarray, dict]] = deque(maxlen=MAX_RECORDS)  # what a refit learns from
         self._pending: dict[str, dict[str, tuple[np.ndarray, Prediction]]] = {}
         self._lock = threading.Lock()
         self._refit_thread: threading.Thread | None = None
@@ -115,7 +116,7 @@ class MoPE:
         X = np.stack([f for f, _ in records])
         targets = {t: np.array([v[t] for _, v in records], dtype=np.float32) for t in TARGETS}
         trained = experts_io.train_experts(X, targets)
-        self.experts = trained  # one assignment: a prediction sees the old experts or the new, never a mix
+        self.experts = experts_io.single_threaded(trained)  # one assignment: a prediction sees the old experts or the new, never a mix
         self.output_ratio.clear()  # the new experts already learned what the corrections were fixing
         self.latency_ratio.clear()
         return True
