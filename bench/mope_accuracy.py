@@ -10,7 +10,6 @@ prediction, single and in batches of 64.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import numpy as np
 

@@ -1,6 +1,7 @@
 """The global fairness controller: per-user queues, the policy and its counters, and the pools' capacity.
 
-One instance serves the whole application (a Ray actor, see app.py). The ingress `submit`s each request and awaits
+One instance serves the whole application, inside the ingress replica (see docs/design.md for why it is not a
+separate actor), and is driven only from that replica's event loop. The ingress `submit`s each request and awaits
 its grant, which names the pool; tokens then stream from the pool straight to the client. The ingress reports
 progress and the finish; each replica reports its state every `report_interval_s`. Every event runs the dispatch
 loop: while the policy grants and a pool has a free slot, hand out grants.

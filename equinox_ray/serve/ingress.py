@@ -7,13 +7,12 @@ what was actually served.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
@@ -65,6 +64,13 @@ async def _parse(request: Request, model):
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise APIError(400, f"{param}: {first['msg']}", "invalid_request_error", param) from None
+
+
+ENGINE_FAILURES = (EngineError, RequestRejected, RuntimeError)
+
+
+def _engine_failure(exc: Exception) -> APIError:
+    return APIError(503, f"the engine failed: {exc}", "server_error", code="engine_error")
 
 
 async def _prepend(first, rest):
@@ -197,8 +203,10 @@ class EquinoxIngress:
         chunks = self._stream(grant["pool"], generation, user)
         try:  # start the stream here, so that from the grant on a running generator owns the request
             first = await chunks.__anext__()
-        except BaseException:
+        except BaseException as exc:
             await chunks.aclose()
+            if isinstance(exc, ENGINE_FAILURES):
+                raise _engine_failure(exc) from None
             raise
         chunks = _prepend(first, chunks)
         if body.stream:
@@ -215,8 +223,6 @@ class EquinoxIngress:
                            headers={"Retry-After": str(retry)}) from None
         except Cancelled:
             raise APIError(499, "request cancelled", "invalid_request_error") from None
-        except asyncio.CancelledError:  # the client went away while it waited: submit took it out of the queue
-            raise
 
     async def _stream(self, pool: str, generation: GenerationRequest, user: str):
         """Chunks from the pool; whatever happens, the controller learns what was served."""
@@ -248,8 +254,8 @@ class EquinoxIngress:
                 n += len(chunk.token_ids)
                 if chunk.usage is not None:
                     finish, prompt = chunk.finish_reason, chunk.usage.prompt_tokens
-        except (EngineError, RequestRejected, RuntimeError) as exc:
-            raise APIError(503, f"the engine failed: {exc}", "server_error", code="engine_error") from None
+        except ENGINE_FAILURES as exc:
+            raise _engine_failure(exc) from None
         return completion_body(rid, self.model, "".join(text), finish, usage(prompt, n), chat)
 
     async def _sse(self, chunks, rid: str, chat: bool, include_usage: bool):
@@ -261,8 +267,8 @@ class EquinoxIngress:
                     prompt = chunk.usage.prompt_tokens
                 yield sse(chunk_body(rid, self.model, chunk.text, chunk.finish_reason, chat, first=first))
                 first = False
-        except (EngineError, RequestRejected, RuntimeError) as exc:
-            yield sse(APIError(503, f"the engine failed: {exc}", "server_error", code="engine_error").body())
+        except ENGINE_FAILURES as exc:
+            yield sse(_engine_failure(exc).body())
         if include_usage:
             yield sse(chunk_body(rid, self.model, None, None, chat, use=usage(prompt, n)))
         yield sse("[DONE]")
