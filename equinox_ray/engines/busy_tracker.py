@@ -16,6 +16,7 @@ class BusyTracker:
         self.window_s = window_s
         self._per_request: dict[str, float] = {}
         self._steps: deque[tuple[float, float, int, int]] = deque()  # (end time, duration, tokens, output tokens)
+        self._sums = [0.0, 0, 0]  # running totals over the window: busy seconds, tokens, output tokens
 
     def record_step(self, end: float, duration: float, tokens: Mapping[str, int], output_tokens: int) -> None:
         total = sum(tokens.values())
@@ -23,6 +24,7 @@ class BusyTracker:
             for request_id, n in tokens.items():
                 self._per_request[request_id] = self._per_request.get(request_id, 0.0) + duration * n / total
         self._steps.append((end, duration, total, output_tokens))
+        self._add(duration, total, output_tokens, +1)
         self._trim(end)
 
     def pop_request(self, request_id: str) -> float:
@@ -32,11 +34,17 @@ class BusyTracker:
     def rates(self, now: float) -> tuple[float, float, float]:
         """(tokens/s, output tokens/s, busy fraction) over the last window."""
         self._trim(now)
-        busy = min(sum(d for _, d, _, _ in self._steps), self.window_s)
-        tokens = sum(t for _, _, t, _ in self._steps)
-        output = sum(o for _, _, _, o in self._steps)
-        return tokens / self.window_s, output / self.window_s, busy / self.window_s
+        busy, tokens, output = self._sums
+        return tokens / self.window_s, output / self.window_s, min(max(busy, 0.0), self.window_s) / self.window_s
+
+    def _add(self, duration: float, tokens: int, output_tokens: int, sign: int) -> None:
+        self._sums[0] += sign * duration
+        self._sums[1] += sign * tokens
+        self._sums[2] += sign * output_tokens
 
     def _trim(self, now: float) -> None:
         while self._steps and self._steps[0][0] < now - self.window_s:
-            self._steps.popleft()
+            _, duration, tokens, output = self._steps.popleft()
+            self._add(duration, tokens, output, -1)
+        if not self._steps:
+            self._sums = [0.0, 0, 0]  # no float drift survives an empty window

@@ -1,0 +1,91 @@
+"""The benchmark suite.
+
+    python -m bench suite [--scenario NAME ...] [--smoke]   simulated scenarios: tables and plots in bench/results/
+    python -m bench overhead                               scheduling decisions/s of the fairness core
+    python -m bench real [--scenario vtc-overload lmsys]   the real Ray Serve + vLLM CPU path, time-scaled
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+PLOTTED_SUITES = {"overload", "on-off-overload", "poisson-short-long-2"}
+
+
+def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
+    from bench.plots import plot_all
+    from bench.report import table
+    from bench.scenarios import SCENARIOS
+    from bench.suite import POLICY_NOTES, run_scenario
+
+    scenario = SCENARIOS[name]
+    started = time.perf_counter()
+    runs = run_scenario(scenario, smoke=smoke, predictor=predictor)
+    by_workload = defaultdict(list)
+    for run in runs:
+        by_workload[run.workload.name].append(run)
+    pools = ", ".join(f"{p.replicas} x {p.gpu} ({p.model}, window {p.max_num_seqs}, cost {p.cost_weight:g})"
+                      for p in scenario.pools)
+    lines = [f"# {scenario.title}{' (smoke)' if smoke else ''}", "",
+             f"Simulated with `python -m bench suite --scenario {name}{' --smoke' if smoke else ''}`: "
+             f"{pools}. Arrival times divided by {scenario.time_scale:.2f}; client max_tokens "
+             f"{scenario.max_tokens_cap or 'the true length (VTC artifact)'}; windows of "
+             f"{scenario.window_s / scenario.time_scale:.1f} s. Predictor: {predictor}.", "",
+             "Policies: " + "; ".join(f"`{p}` {POLICY_NOTES[p]}" for p in scenario.policies) + ".", "",
+             "TTFT and end-to-end latency count from arrival. Light users: the quarter of users with the least "
+             "weighted demand. Counter gap: the largest difference of the policy's key between backlogged users, "
+             "sampled every simulated second; bound: the one docs/design.md claims.", ""]
+    for workload, wruns in by_workload.items():
+        n = len(wruns[0].workload.requests)
+        lines += [f"## {workload} ({n:,} requests)", "", table(wruns), ""]
+        lines.append("Wall time per run: " + ", ".join(
+            f"{r.label} {r.result.wall_s:.1f} s ({n / r.result.wall_s:,.0f} simulated requests/s)" for r in wruns))
+        lines.append("")
+        if name != "vtc-suites" or workload in PLOTTED_SUITES:
+            for path in plot_all(wruns, out, f"{name}-{workload}" if name == "vtc-suites" else name):
+                lines.append(f"![{path.stem}]({path.name})")
+            lines.append("")
+    lines.append(f"Total wall time: {time.perf_counter() - started:.0f} s.")
+    path = out / f"{name}{'-smoke' if smoke else ''}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.scenarios import SCENARIOS
+
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    suite = sub.add_parser("suite", help="simulated scenarios")
+    suite.add_argument("--scenario", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    suite.add_argument("--smoke", action="store_true", help="small workloads, seconds per scenario")
+    suite.add_argument("--predictor", choices=["mope", "moving-average"], default="mope")
+    suite.add_argument("--out", type=Path, default=RESULTS)
+    sub.add_parser("overhead", help="decisions/s of the fairness core")
+    real = sub.add_parser("real", help="the real Serve + vLLM CPU path")
+    real.add_argument("--scenario", nargs="+", choices=["vtc-overload", "lmsys"], default=["vtc-overload", "lmsys"])
+    real.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.command == "suite":
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in args.scenario:
+            path = write_scenario(name, args.smoke, args.out, args.predictor)
+            print(path.read_text())
+            print(f"written: {path}", file=sys.stderr)
+    elif args.command == "overhead":
+        from bench.decisions import main as overhead
+
+        overhead()
+    else:
+        from bench.real_engine import main as real_main
+
+        real_main(args.scenario, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Metrics of a run and the markdown tables: one table per workload, one row per policy, then Equinox's ratios to
+VTC and to FCFS beside the paper's claims."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from bench.suite import Run
+from equinox_ray.fairness.equinox import EquinoxWeights
+from equinox_ray.fairness.metrics import (jain_per_window, percentiles, service_difference, throughput,
+                                          windowed_service)
+from equinox_ray.sim.replica import SimReplica
+
+W_IN, W_OUT = 1.0, 2.0
+PAPER = {"throughput": "up to 1.3x", "ttft_p50": "60% lower", "jain": "13% higher", "utilization": "94%"}
+COLUMNS = [
+    ("throughput", "tokens/s", "{:,.0f}"), ("ttft_p50", "TTFT p50 s", "{:.2f}"), ("ttft_p99", "TTFT p99 s", "{:.2f}"),
+    ("light_ttft_p50", "light TTFT p50 s", "{:.2f}"), ("light_ttft_p99", "light TTFT p99 s", "{:.2f}"),
+    ("e2e_p50", "e2e p50 s", "{:.1f}"), ("e2e_p99", "e2e p99 s", "{:.1f}"), ("jain", "Jain", "{:.3f}"),
+    ("sd_max", "service diff max", "{:,.0f}"), ("sd_avg", "service diff avg", "{:,.0f}"),
+    ("utilization", "GPU busy", "{:.1%}"), ("gap", "max counter gap", "{:,.0f}"), ("bound", "bound", "{:,.0f}"),
+]
+
+
+def lightest_users(run: Run) -> set[str]:
+    """The quarter of users (at least one) with the least weighted demand in the workload."""
+    demand = {u: 0.0 for u in run.workload.users}
+    for r in run.workload.requests:
+        demand[r.user] += (W_IN * r.prompt_tokens + W_OUT * r.output_tokens) / run.workload.users[r.user].weight
+    active = sorted((d, u) for u, d in demand.items() if d > 0)
+    return {u for _, u in active[: max(1, len(active) // 4)]}
+
+
+def counter_bound(run: Run) -> float | None:
+    """The bound docs/design.md claims on the gap between backlogged users' counters (None for FCFS).
+
+    VTC: 2 * max(w_in * L_input, w_out * M) / w_min, with M the tokens the running batches can hold (the cluster's
+    KV capacity). Prepaid predictions widen the admission charge to the largest one seen; Equinox adds
+    alpha * C * l_max for the latency term."""
+    if run.label == "fcfs":
+        return None
+    result, workload = run.result, run.workload
+    w_min = min(u.weight for u in workload.users.values())
+    longest_input = max(r.prompt_tokens for r in result.records)
+    batch_tokens = sum(SimReplica("x", p).batcher.kv_capacity * p.replicas for p in result.pools)
+    admission = max(W_IN * longest_input / w_min, result.largest_charge)
+    bound = 2 * max(admission, W_OUT * batch_tokens / w_min)
+    if run.label.startswith("equinox"):
+        weights = EquinoxWeights(latency=0.0) if run.label == "equinox-no-latency" else EquinoxWeights()
+        bound += weights.max_latency_credit
+    return bound
+
+
+def metrics(run: Run) -> dict[str, float]:
+    records, users = run.result.records, run.workload.users
+    ws = windowed_service(records, users, run.scenario.window_s / run.scenario.time_scale)
+    light = lightest_users(run)
+    ttft = percentiles([r.ttft for r in records])
+    light_ttft = percentiles([r.ttft for r in records if r.user in light])
+    e2e = percentiles([r.e2e for r in records])
+    jain = jain_per_window(ws)
+    sd_max, sd_avg = service_difference(ws)
+    gap = run.result.max_counter_gap
+    return {
+        "throughput": throughput(records), "ttft_p50": ttft["p50"], "ttft_p99": ttft["p99"],
+        "light_ttft_p50": light_ttft["p50"], "light_ttft_p99": light_ttft["p99"],
+        "e2e_p50": e2e["p50"], "e2e_p99": e2e["p99"],
+        "jain": float(np.nanmean(jain)) if np.isfinite(jain).any() else float("nan"),
+        "sd_max": sd_max, "sd_avg": sd_avg, "utilization": run.result.utilization,
+        "gap": float("nan") if gap is None else gap, "bound": counter_bound(run) or float("nan"),
+    }
+
+
+def _cell(fmt: str, value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+
+
+def table(runs: Sequence[Run]) -> str:
+    rows = {run.label: metrics(run) for run in runs}
+    lines = ["| policy | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for label, m in rows.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(fmt, m[key]) for key, _, fmt in COLUMNS) + " |")
+    lines += ["", ratios(rows)]
+    over = [label for label, m in rows.items() if m["gap"] > m["bound"]]
+    if over:
+        lines.append(f"\n**Counter gap above the claimed bound: {', '.join(over)}.**")
+    return "\n".join(lines)
+
+
+def ratios(rows: dict[str, dict[str, float]]) -> str:
+    if "equinox" not in rows:
+        return ""
+    eq = rows["equinox"]
+    lines = ["| Equinox against | throughput | TTFT p50 | light TTFT p50 | TTFT p99 | Jain | GPU busy |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for base in ("vtc", "fcfs"):
+        if base in rows:
+            b = rows[base]
+            lines.append(f"| {base} | {_ratio(eq['throughput'], b['throughput'])} | "
+                         f"{_change(eq['ttft_p50'], b['ttft_p50'])} | "
+                         f"{_change(eq['light_ttft_p50'], b['light_ttft_p50'])} | "
+                         f"{_change(eq['ttft_p99'], b['ttft_p99'])} | {_change(eq['jain'], b['jain'])} | "
+                         f"{eq['utilization']:.1%} vs {b['utilization']:.1%} |")
+    lines.append(f"| paper's claim vs VTC | {PAPER['throughput']} | {PAPER['ttft_p50']} | | | {PAPER['jain']} | "
+                 f"{PAPER['utilization']} |")
+    return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def _change(a: float, b: float) -> str:
+    if not b or math.isnan(a) or math.isnan(b):
+        return "n/a"
+    return f"{(a - b) / b:+.0%}"

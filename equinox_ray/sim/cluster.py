@@ -1,0 +1,233 @@
+"""The cluster simulator: a discrete-event run of a workload through a policy and pools of simulated GPUs.
+
+The policy is the very object the Ray controller drives (`equinox_ray.fairness`), told the same events in the same
+order: `submit` on arrival, `schedule` while a pool has a free slot, `on_tokens` as tokens stream, `finish` with
+the measured outcome. The replicas are the `SimBatcher` the real-time `SimEngine` runs, stepped under a virtual
+clock. A step's scheduling happens when it starts and its tokens appear when it ends, as in a real engine loop.
+
+Only the scheduler's view of a request reaches the policy (prompt and `max_tokens`); the true output length goes to
+the replica alone, as in trace replay through the real engine.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from equinox_ray.fairness.metrics import CompletionRecord
+from equinox_ray.fairness.policy import Policy
+from equinox_ray.fairness.pools import PoolView
+from equinox_ray.fairness.prediction import Outcome
+from equinox_ray.fairness.request import Request
+from equinox_ray.sim.replica import PoolSpec, SimReplica
+from equinox_ray.workloads.workload import Workload
+
+
+@dataclass
+class _Live:
+    request: Request
+    output_tokens: int  # the truth, for the replica
+    replica: SimReplica
+    granted: float
+    first_token: float | None = None
+
+
+@dataclass
+class SimResult:
+    workload: str
+    policy: str
+    records: list[CompletionRecord]
+    pools: list[PoolSpec]
+    busy_seconds: dict[str, float]  # per replica
+    makespan_s: float  # first arrival to last finish
+    max_counter_gap: float | None  # largest (max - min) of the policy's key among backlogged users; None for FCFS
+    counter_samples: list[tuple[float, dict[str, float]]]  # (time, key per backlogged user) at each gap sample
+    largest_charge: float  # the largest single admission charge seen, for the bound
+    decisions: int
+    truncated: int  # requests whose prompt or output was cut to fit the model context
+    wall_s: float = 0.0
+
+    @property
+    def utilization(self) -> float:
+        """Busy fraction of all replicas from the first arrival to the last finish."""
+        if self.makespan_s <= 0:
+            return 0.0
+        return sum(self.busy_seconds.values()) / (len(self.busy_seconds) * self.makespan_s)
+
+
+@dataclass
+class ClusterSim:
+    pools: Sequence[PoolSpec]
+    policy: Policy
+    max_tokens_cap: int | None = None  # the client's max_tokens; None: the true length, as the VTC artifact does
+    gap_sample_s: float = 1.0
+    stats_window_s: float = 5.0
+    _replicas: dict[str, list[SimReplica]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.pools]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"pools need distinct names, got {names}")
+        self._replicas = {p.name: [SimReplica(f"{p.name}-{i}", p, self.stats_window_s) for i in range(p.replicas)]
+                          for p in self.pools}
+        self._nominal = {p.name: _nominal_speeds(self._replicas[p.name][0]) for p in self.pools}
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    def run(self, workload: Workload, progress: Callable[[int], None] | None = None) -> SimResult:
+        started = time.perf_counter()
+        for user in workload.users.values():
+            if user.name not in self.policy.users:
+                self.policy.add_user(user)
+        requests, truth, truncated = self._scheduler_view(workload)
+        self._truth = dict(zip((r.id for r in requests), truth))
+        self._live: dict[str, _Live] = {}
+        self._records: list[CompletionRecord] = []
+        self._events: list[tuple[float, int, SimReplica]] = []  # step ends
+        self._seq = 0
+        self._decisions = 0
+        self._gap: float | None = None
+        self._samples: list[tuple[float, dict[str, float]]] = []
+        self._next_sample = 0.0
+        self._largest_charge = 0.0
+        nxt = 0
+        while nxt < len(requests) or self._events:
+            arrival = requests[nxt].arrival if nxt < len(requests) else float("inf")
+            if self._events and self._events[0][0] <= arrival:
+                now, _, replica = heapq.heappop(self._events)
+                done = self._end_step(replica, now)
+                if progress and done:
+                    progress(done)
+            else:
+                self.policy.submit(requests[nxt], arrival)
+                nxt += 1
+                self._dispatch(arrival)
+        if self._live or self.policy.backlogged_users():
+            raise RuntimeError(f"simulation ended with {len(self._live)} running and "
+                               f"{sum(map(self.policy.queue_length, self.policy.backlogged_users()))} waiting: "
+                               "a request fits no pool")
+        first = min((r.arrival for r in self._records), default=0.0)
+        last = max((r.finish for r in self._records), default=0.0)
+        return SimResult(
+            workload=workload.name, policy=self.policy.name, records=self._records, pools=list(self.pools),
+            busy_seconds={r.name: r.busy_seconds for rs in self._replicas.values() for r in rs},
+            makespan_s=last - first, max_counter_gap=self._gap, counter_samples=self._samples,
+            largest_charge=self._largest_charge, decisions=self._decisions, truncated=truncated,
+            wall_s=time.perf_counter() - started)
+
+    def _scheduler_view(self, workload: Workload) -> tuple[list[Request], list[int], int]:
+        context = min(p.max_model_len for p in self.pools)
+        requests, truth, truncated = [], [], 0
+        for i, r in enumerate(workload.requests):
+            request = workload.scheduler_request(i, self.max_tokens_cap)
+            prompt = min(request.prompt_tokens, context - 1)
+            cap = min(request.max_tokens, context - prompt)
+            output = max(1, min(r.output_tokens, cap))
+            truncated += prompt != request.prompt_tokens or output != r.output_tokens
+            request.prompt_tokens, request.max_tokens = prompt, cap
+            requests.append(request)
+            truth.append(output)
+        return requests, truth, truncated
+
+    # -- dispatch ---------------------------------------------------------------------------------------------
+    def _dispatch(self, now: float) -> None:
+        self._sample_counters(now)
+        kicked: list[SimReplica] = []
+        while True:
+            grant = self.policy.schedule([self._view(p) for p in self.pools], now)
+            if grant is None:
+                break
+            self._decisions += 1
+            request = grant.request
+            charge = sum(grant.counters_after.values()) - sum(grant.counters_before.values())
+            self._largest_charge = max(self._largest_charge, abs(charge))
+            replica = self._pick_replica(grant.pool, request)
+            output = self._truth.pop(request.id)
+            replica.add(request.id, request.prompt_tokens, output)
+            self._live[request.id] = _Live(request, output, replica, now)
+            if replica.stepping is None and replica not in kicked:
+                kicked.append(replica)
+        for replica in kicked:
+            self._start_step(replica, now)
+
+    def _pick_replica(self, pool: str, request: Request) -> SimReplica:
+        demand = request.prompt_tokens + request.max_tokens
+        fitting = [r for r in self._replicas[pool] if r.free_slots and r.free_kv_tokens >= demand]
+        return min(fitting, key=lambda r: (r.in_flight, -r.free_kv_tokens))
+
+    def _view(self, spec: PoolSpec) -> PoolView:
+        replicas = self._replicas[spec.name]
+        open_replicas = [r for r in replicas if r.free_slots]
+        n = len(replicas)
+        rates = [r.last_rates for r in replicas]
+        prefill_tps, decode_tps = self._nominal[spec.name]
+        tpots = [r.tpot_s for r in replicas if r.tpot_s]
+        measured_tps = sum(t for t, _, _ in rates) / n
+        return PoolView(
+            name=spec.name, gpu_type=spec.gpu,
+            free_slots=sum(r.free_slots for r in open_replicas),
+            free_kv_tokens=max((r.free_kv_tokens for r in open_replicas), default=0),
+            running=sum(r.in_flight for r in replicas),
+            waiting=sum(len(r.batcher.waiting) for r in replicas),
+            kv_usage=sum(r.kv_promised / r.batcher.kv_capacity for r in replicas) / n,
+            throughput_tps=measured_tps or prefill_tps / 4,
+            utilization=max(sum(u for _, _, u in rates) / n, 0.05),
+            prefill_tps=prefill_tps,
+            decode_tps=1.0 / (sum(tpots) / len(tpots)) if tpots else decode_tps,
+            cost_weight=spec.cost_weight,
+            max_request_tokens=spec.max_model_len)
+
+    # -- engine steps -----------------------------------------------------------------------------------------
+    def _start_step(self, replica: SimReplica, now: float) -> None:
+        duration = replica.start_step()
+        if duration <= 0:
+            raise RuntimeError(f"replica {replica.name} has work but cannot run a step (KV cache exhausted)")
+        self._seq += 1
+        heapq.heappush(self._events, (now + duration, self._seq, replica))
+
+    def _end_step(self, replica: SimReplica, now: float) -> int:
+        step = replica.end_step(now)
+        for request_id in step.emitted:
+            live = self._live[request_id]
+            if live.first_token is None:
+                live.first_token = now
+            self.policy.on_tokens(request_id, 1)
+        for request_id in step.finished:
+            self._finish(self._live.pop(request_id), now)
+        if step.finished:
+            self._dispatch(now)
+        if replica.stepping is None and replica.batcher.has_work():
+            self._start_step(replica, now)
+        return len(step.finished)
+
+    def _finish(self, live: _Live, now: float) -> None:
+        request, replica = live.request, live.replica
+        ttft, e2e = live.first_token - live.granted, now - live.granted
+        busy = replica.finished(request.id, request.prompt_tokens, live.output_tokens, ttft, e2e)
+        self.policy.finish(Outcome(request.id, request.user, replica.spec.name, request.prompt_tokens,
+                                   live.output_tokens, ttft, e2e, busy, replica.last_rates[2]), now)
+        self._records.append(CompletionRecord(request.id, request.user, request.arrival, live.granted,
+                                              live.first_token, now, request.prompt_tokens, live.output_tokens,
+                                              replica.spec.name))
+
+    def _sample_counters(self, now: float) -> None:
+        if now < self._next_sample or self.policy.name == "fcfs":
+            return
+        self._next_sample = now + self.gap_sample_s
+        users = self.policy.backlogged_users()
+        if len(users) < 2:
+            return
+        keys = {u: self.policy.key(u) for u in users}
+        self._samples.append((now, keys))
+        gap = max(keys.values()) - min(keys.values())
+        self._gap = gap if self._gap is None else max(self._gap, gap)
+
+
+def _nominal_speeds(replica: SimReplica) -> tuple[float, float]:
+    """(prefill tokens/s of a full chunk, decode tokens/s of one sequence in a half-full batch) from the step model."""
+    model, budget = replica.step_model, replica.spec.max_num_batched_tokens
+    prefill = budget / model.step_time(budget, budget * (budget + 1) // 2, 0, 0)
+    batch = max(1, replica.spec.max_num_seqs // 2)
+    decode = 1.0 / model.step_time(0, 0, batch, batch * 1024)
+    return prefill, decode

@@ -1,0 +1,81 @@
+"""One simulated GPU replica in the cluster simulator: the same `SimBatcher` the real-time `SimEngine` runs, stepped
+under the simulator's virtual clock, with the measurements a real replica reports (windowed throughput and busy
+fraction, mean time per output token, per-request busy-seconds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from equinox_ray.engines.busy_tracker import BusyTracker
+from equinox_ray.engines.gpu_profiles import StepModel
+from equinox_ray.engines.sim_batcher import SimBatcher, SimSequence, StepResult
+
+TPOT_SMOOTHING = 0.1
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A pool of identical simulated replicas: one GPU type serving one model."""
+
+    name: str
+    gpu: str
+    replicas: int
+    model: str = "Llama-2-7B"
+    max_num_seqs: int = 32  # the replica's admission window: requests the controller lets into it at once
+    max_num_batched_tokens: int = 2048
+    cost_weight: float = 1.0  # relative price of a busy-second on this GPU type
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"pool {self.name!r}: replicas must be >= 1")
+        StepModel.of(self.gpu, self.model)  # unknown GPU or model, or a model that does not fit: fail now
+
+
+class SimReplica:
+    def __init__(self, name: str, spec: PoolSpec, stats_window_s: float = 5.0) -> None:
+        self.name = name
+        self.spec = spec
+        self.step_model = StepModel.of(spec.gpu, spec.model)
+        self.batcher = SimBatcher(self.step_model, spec.max_num_seqs, spec.max_num_batched_tokens)
+        self.tracker = BusyTracker(stats_window_s)
+        self.in_flight = 0
+        self.kv_promised = 0  # KV tokens of the requests sent to this replica and not yet finished
+        self.stepping: StepResult | None = None  # the step in progress, applied when it ends
+        self.busy_seconds = 0.0
+        self.tpot_s: float | None = None
+        self.last_rates = (0.0, 0.0, 0.0)  # (tokens/s, output tokens/s, busy fraction) at the last step's end
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.spec.max_num_seqs - self.in_flight)
+
+    @property
+    def free_kv_tokens(self) -> int:
+        return self.batcher.kv_capacity - self.kv_promised
+
+    def add(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None:
+        self.batcher.add(SimSequence(request_id, prompt_tokens, output_tokens))
+        self.in_flight += 1
+        self.kv_promised += prompt_tokens + output_tokens
+
+    def start_step(self) -> float:
+        """Run the next step's scheduling now and return its duration; its tokens appear when it ends."""
+        self.stepping = self.batcher.step()
+        return self.stepping.duration
+
+    def end_step(self, now: float) -> StepResult:
+        step, self.stepping = self.stepping, None
+        self.tracker.record_step(now, step.duration, step.tokens, step.decode_tokens)
+        self.busy_seconds += step.duration
+        self.last_rates = self.tracker.rates(now)
+        return step
+
+    def finished(self, request_id: str, prompt_tokens: int, output_tokens: int, ttft_s: float, e2e_s: float) -> float:
+        """Release the request and return its busy-seconds."""
+        self.in_flight -= 1
+        self.kv_promised -= prompt_tokens + output_tokens
+        if output_tokens > 1:
+            tpot = (e2e_s - ttft_s) / (output_tokens - 1)
+            self.tpot_s = tpot if self.tpot_s is None else self.tpot_s + TPOT_SMOOTHING * (tpot - self.tpot_s)
+        return self.tracker.pop_request(request_id)
