@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import defaultdict
@@ -19,7 +20,7 @@ PLOTTED_SUITES = {"overload", "on-off-overload", "poisson-short-long-2"}
 
 def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
     from bench.plots import plot_all
-    from bench.report import table
+    from bench.report import metrics, rows_table
     from bench.scenarios import SCENARIOS
     from bench.suite import POLICY_NOTES, run_scenario
 
@@ -40,9 +41,11 @@ def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
              "TTFT and end-to-end latency count from arrival. Light users: the quarter of users with the least "
              "weighted demand. Counter gap: the largest difference of the policy's key between backlogged users, "
              "sampled every simulated second; bound: the one docs/design.md claims.", ""]
+    numbers = {}
     for workload, wruns in by_workload.items():
         n = len(wruns[0].workload.requests)
-        lines += [f"## {workload} ({n:,} requests)", "", table(wruns), ""]
+        numbers[workload] = {r.label: metrics(r) for r in wruns}
+        lines += [f"## {workload} ({n:,} requests)", "", rows_table(numbers[workload]), ""]
         lines.append("Wall time per run: " + ", ".join(
             f"{r.label} {r.result.wall_s:.1f} s ({n / r.result.wall_s:,.0f} simulated requests/s)" for r in wruns))
         lines.append("")
@@ -53,7 +56,37 @@ def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
     lines.append(f"Total wall time: {time.perf_counter() - started:.0f} s.")
     path = out / f"{name}{'-smoke' if smoke else ''}.md"
     path.write_text("\n".join(lines) + "\n")
+    path.with_suffix(".json").write_text(json.dumps({"title": scenario.title, "workloads": numbers}, indent=1))
     return path
+
+
+def write_summary(out: Path) -> Path:
+    """One row per scenario (and VTC suite): Equinox against VTC and VTC against FCFS, from the scenarios' JSON."""
+    from bench.report import PAPER, change
+    from bench.scenarios import SCENARIOS
+
+    lines = ["| scenario | workload | Equinox/VTC throughput | TTFT p50 vs VTC | light-user TTFT p50 vs VTC | "
+             "Jain vs VTC | GPU busy (Equinox) | VTC's service diff vs FCFS | light-user TTFT p50 VTC vs FCFS |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in SCENARIOS:
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        for workload, rows in json.loads(path.read_text())["workloads"].items():
+            eq, vtc, fcfs = rows.get("equinox"), rows.get("vtc"), rows.get("fcfs")
+            if not (eq and vtc and fcfs):
+                continue
+            lines.append(f"| {name} | {workload} | {eq['throughput'] / vtc['throughput']:.2f}x | "
+                         f"{change(eq['ttft_p50'], vtc['ttft_p50'])} | "
+                         f"{change(eq['light_ttft_p50'], vtc['light_ttft_p50'])} | {change(eq['jain'], vtc['jain'])} | "
+                         f"{eq['utilization']:.0%} | {change(vtc['sd_avg'], fcfs['sd_avg'])} | "
+                         f"{change(vtc['light_ttft_p50'], fcfs['light_ttft_p50'])} |")
+    lines.append(f"| paper (Equinox vs VTC) | | {PAPER['throughput']} | {PAPER['ttft_p50']} | | {PAPER['jain']} | "
+                 f"{PAPER['utilization']} | | |")
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             path = write_scenario(name, args.smoke, args.out, args.predictor)
             print(path.read_text())
             print(f"written: {path}", file=sys.stderr)
+        print(write_summary(args.out).read_text())
     elif args.command == "overhead":
         from bench.decisions import main as overhead
 

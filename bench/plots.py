@@ -45,7 +45,7 @@ def service_over_time(runs: Sequence[Run], path: Path) -> None:
 def ttft_cdf(runs: Sequence[Run], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for run in runs:
-        light = lightest_users(run)
+        light = lightest_users(run.workload)
         for ax, records in ((axes[0], run.result.records),
                             (axes[1], [r for r in run.result.records if r.user in light])):
             x = np.sort([r.ttft for r in records])

@@ -10,9 +10,10 @@ import numpy as np
 
 from bench.suite import Run
 from equinox_ray.fairness.equinox import EquinoxWeights
-from equinox_ray.fairness.metrics import (jain_per_window, percentiles, service_difference, throughput,
-                                          windowed_service)
+from equinox_ray.fairness.metrics import (CompletionRecord, jain_per_window, percentiles, service_difference,
+                                          throughput, windowed_service)
 from equinox_ray.sim.replica import SimReplica
+from equinox_ray.workloads.workload import Workload
 
 W_IN, W_OUT = 1.0, 2.0
 PAPER = {"throughput": "up to 1.3x", "ttft_p50": "60% lower", "jain": "13% higher", "utilization": "94%"}
@@ -25,11 +26,11 @@ COLUMNS = [
 ]
 
 
-def lightest_users(run: Run) -> set[str]:
+def lightest_users(workload: Workload) -> set[str]:
     """The quarter of users (at least one) with the least weighted demand in the workload."""
-    demand = {u: 0.0 for u in run.workload.users}
-    for r in run.workload.requests:
-        demand[r.user] += (W_IN * r.prompt_tokens + W_OUT * r.output_tokens) / run.workload.users[r.user].weight
+    demand = {u: 0.0 for u in workload.users}
+    for r in workload.requests:
+        demand[r.user] += (W_IN * r.prompt_tokens + W_OUT * r.output_tokens) / workload.users[r.user].weight
     active = sorted((d, u) for u, d in demand.items() if d > 0)
     return {u for _, u in active[: max(1, len(active) // 4)]}
 
@@ -54,24 +55,31 @@ def counter_bound(run: Run) -> float | None:
     return bound
 
 
-def metrics(run: Run) -> dict[str, float]:
-    records, users = run.result.records, run.workload.users
-    ws = windowed_service(records, users, run.scenario.window_s / run.scenario.time_scale)
-    light = lightest_users(run)
+def record_metrics(records: Sequence[CompletionRecord], workload: Workload, window_s: float,
+                   min_wait_s: float = 0.0) -> dict[str, float]:
+    """The table's columns that come from finished requests alone (simulated or measured). A user counts as
+    backlogged in a window (for Jain's index) only if a request of theirs waited longer than `min_wait_s`."""
+    ws = windowed_service(records, workload.users, window_s, min_wait_s=min_wait_s)
+    light = lightest_users(workload)
     ttft = percentiles([r.ttft for r in records])
     light_ttft = percentiles([r.ttft for r in records if r.user in light])
     e2e = percentiles([r.e2e for r in records])
     jain = jain_per_window(ws)
     sd_max, sd_avg = service_difference(ws)
-    gap = run.result.max_counter_gap
     return {
         "throughput": throughput(records), "ttft_p50": ttft["p50"], "ttft_p99": ttft["p99"],
         "light_ttft_p50": light_ttft["p50"], "light_ttft_p99": light_ttft["p99"],
         "e2e_p50": e2e["p50"], "e2e_p99": e2e["p99"],
         "jain": float(np.nanmean(jain)) if np.isfinite(jain).any() else float("nan"),
-        "sd_max": sd_max, "sd_avg": sd_avg, "utilization": run.result.utilization,
-        "gap": float("nan") if gap is None else gap, "bound": counter_bound(run) or float("nan"),
+        "sd_max": sd_max, "sd_avg": sd_avg,
     }
+
+
+def metrics(run: Run) -> dict[str, float]:
+    gap = run.result.max_counter_gap
+    return {**record_metrics(run.result.records, run.workload, run.scenario.window_s / run.scenario.time_scale),
+            "utilization": run.result.utilization, "gap": float("nan") if gap is None else gap,
+            "bound": counter_bound(run) or float("nan")}
 
 
 def _cell(fmt: str, value: float) -> str:
@@ -79,13 +87,17 @@ def _cell(fmt: str, value: float) -> str:
 
 
 def table(runs: Sequence[Run]) -> str:
-    rows = {run.label: metrics(run) for run in runs}
+    return rows_table({run.label: metrics(run) for run in runs})
+
+
+def rows_table(rows: dict[str, dict[str, float]]) -> str:
     lines = ["| policy | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|---|" + "---:|" * len(COLUMNS)]
     for label, m in rows.items():
-        lines.append(f"| {label} | " + " | ".join(_cell(fmt, m[key]) for key, _, fmt in COLUMNS) + " |")
+        lines.append(f"| {label} | " + " | ".join(_cell(fmt, m.get(key, float("nan"))) for key, _, fmt in COLUMNS)
+                     + " |")
     lines += ["", ratios(rows)]
-    over = [label for label, m in rows.items() if m["gap"] > m["bound"]]
+    over = [label for label, m in rows.items() if m.get("gap", 0) > m.get("bound", float("inf"))]
     if over:
         lines.append(f"\n**Counter gap above the claimed bound: {', '.join(over)}.**")
     return "\n".join(lines)
@@ -101,9 +113,9 @@ def ratios(rows: dict[str, dict[str, float]]) -> str:
         if base in rows:
             b = rows[base]
             lines.append(f"| {base} | {_ratio(eq['throughput'], b['throughput'])} | "
-                         f"{_change(eq['ttft_p50'], b['ttft_p50'])} | "
-                         f"{_change(eq['light_ttft_p50'], b['light_ttft_p50'])} | "
-                         f"{_change(eq['ttft_p99'], b['ttft_p99'])} | {_change(eq['jain'], b['jain'])} | "
+                         f"{change(eq['ttft_p50'], b['ttft_p50'])} | "
+                         f"{change(eq['light_ttft_p50'], b['light_ttft_p50'])} | "
+                         f"{change(eq['ttft_p99'], b['ttft_p99'])} | {change(eq['jain'], b['jain'])} | "
                          f"{eq['utilization']:.1%} vs {b['utilization']:.1%} |")
     lines.append(f"| paper's claim vs VTC | {PAPER['throughput']} | {PAPER['ttft_p50']} | | | {PAPER['jain']} | "
                  f"{PAPER['utilization']} |")
@@ -114,7 +126,7 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
-def _change(a: float, b: float) -> str:
+def change(a: float, b: float) -> str:
     if not b or math.isnan(a) or math.isnan(b):
         return "n/a"
     return f"{(a - b) / b:+.0%}"

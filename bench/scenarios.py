@@ -46,7 +46,7 @@ def pool(name: str, gpu: str, replicas: int, max_num_seqs: int = 32) -> PoolSpec
 
 def _vtc_suites(smoke: bool) -> list[Workload]:
     if smoke:
-        suites = [synthetic.overload(duration=60.0), synthetic.poisson_short_long(duration=60.0)]
+        suites = [synthetic.overload(duration=120.0), synthetic.poisson_short_long(duration=60.0)]
     else:
         suites = [make() for make in synthetic.VTC_SUITES.values()]
     return [compressed(w, A10G_TO_A100) for w in suites]

@@ -60,7 +60,7 @@ def run_scenario(scenario: Scenario, smoke: bool = False, policies: tuple[str, .
             policy = make_policy(label, list(workload.users.values()), predictor)
             sim = ClusterSim(scenario.pools, policy, max_tokens_cap=scenario.max_tokens_cap)
             with tqdm(total=len(workload.requests), desc=f"{workload.name} {label}", unit="req", leave=False,
-                      disable=not progress) as bar:
+                      mininterval=2.0, disable=not progress) as bar:
                 result = sim.run(workload, progress=bar.update)
             runs.append(Run(scenario, workload, label, result))
     return runs

@@ -1,3 +1,23 @@
 import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless Chromium, installed on first use (the dashboard test drives a real browser)."""
+    path = shutil.which("chromium")
+    if path is None:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600, check=True)
+            subprocess.run(install, env=env, capture_output=True, timeout=900, check=True)
+        path = shutil.which("chromium")
+    assert path, "chromium could not be installed"
+    return path

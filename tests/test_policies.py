@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from equinox_ray.fairness import (
-    FCFS, VTC, Equinox, EquinoxWeights, InvalidRequest, MovingAveragePredictor, Outcome, PoolView, Request,
+    FCFS, VTC, Equinox, EquinoxWeights, InvalidRequest, MovingAveragePredictor, Outcome, Prediction, PoolView, Request,
     UnknownUser, User, ZeroOutputPredictor,
 )
 from token_loop import max_gap_while_backlogged, run
@@ -140,7 +140,8 @@ def test_equinox_charges_predicted_resource_then_corrects_to_measured():
     predictor.average["a"] = 40.0
     weights = EquinoxWeights(latency=0.0, resource=1.0, tokens_per_busy_second=100.0)
     policy = Equinox(users("a"), weights=weights, predictor=predictor)
-    pool = PoolView("p", free_slots=1, free_kv_tokens=10_000, throughput_tps=100.0, utilization=0.5, cost_weight=2.0)
+    pool = PoolView("p", free_slots=1, free_kv_tokens=10_000, throughput_tps=100.0, utilization=0.5, cost_weight=2.0,
+                    decode_tps=10.0)
     policy.submit(req("a1", "a", prompt=60, max_tokens=100), 0)
     grant = policy.schedule([pool], 0)
     predicted_busy = (60 + 40) * 0.5 / 100.0
@@ -148,6 +149,13 @@ def test_equinox_charges_predicted_resource_then_corrects_to_measured():
     assert grant.counters_after["holistic"] == pytest.approx(60 + 80 + predicted_busy * 200.0)
     policy.finish(Outcome("a1", "a", "p", 60, 40, 0.1, 1.0, busy_seconds=3.0), now=1)
     assert policy.rfc("a") == pytest.approx(3.0 * 2.0 * 100.0)
+
+
+def test_predicted_busy_time_never_exceeds_the_time_in_the_engine():
+    slow_rate = Prediction(output_tokens=100, ttft_s=0.5, e2e_s=4.0, throughput_tps=1.0, utilization=0.5)
+    assert slow_rate.busy_seconds(100) == pytest.approx(4.0 * 0.5)  # not 200 * 0.5 / 1.0 = 100 s
+    sane = Prediction(output_tokens=100, ttft_s=0.5, e2e_s=4.0, throughput_tps=1000.0, utilization=0.5)
+    assert sane.busy_seconds(100) == pytest.approx(200 * 0.5 / 1000.0)
 
 
 def test_equinox_user_slower_than_predicted_gains_priority():

@@ -1,7 +1,11 @@
 """The Serve application on deploy/equinox.yaml's settings: real Ray Serve, real vLLM (CPU), the openai client."""
 
 import asyncio
+import json
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -15,6 +19,8 @@ from serve_helpers import BASE, app_args, auth, fairness, wait_until
 
 ALICE, BOB, CAROL, ADMIN = "sk-alice-demo-key", "sk-bob-demo-key", "sk-carol-demo-key", "sk-admin-demo-key"
 MODEL = "tiny-llama"
+SPANS = Path(tempfile.mkdtemp(prefix="equinox-spans-")) / "spans.jsonl"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +28,7 @@ def app():
     args = app_args("equinox.yaml")
     args["pools"][0]["admission"] = {"max_window": 4, "initial_window": 4}  # small, so queues form in the controller
     args["limits"]["max_queue_per_user"] = 24
+    args["telemetry"] = {"exporter": "jsonl", "jsonl_path": str(SPANS)}
     ray.init(num_cpus=2, include_dashboard=False)
     serve.run(build(AppConfig.model_validate(args)), name="equinox", route_prefix="/")
     yield BASE
@@ -187,3 +194,73 @@ def test_only_an_admin_switches_policy_and_only_while_idle(app):
     r = httpx.put(f"{BASE}/v1/admin/policy", headers=auth(ADMIN), json={"name": "lottery"})
     assert r.status_code == 400
     set_policy("equinox")
+
+
+def _spans_by_trace() -> dict[str, list[dict]]:
+    traces: dict[str, list[dict]] = {}
+    if SPANS.exists():
+        for line in SPANS.read_text().splitlines():
+            span = json.loads(line)
+            traces.setdefault(span["context"]["trace_id"], []).append(span)
+    return traces
+
+
+def test_a_request_is_one_trace_across_the_ingress_and_the_pool_replica(app):
+    done = client(CAROL).completions.create(model=MODEL, prompt="ka lo", max_tokens=6, extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 6
+
+    def carols_trace():
+        for spans in _spans_by_trace().values():
+            names = {s["name"]: s for s in spans}
+            root = names.get("text_completion tiny-llama")
+            if root and root["attributes"].get("equinox.request_id") == done.id and {
+                    "equinox.prefill", "equinox.decode"} <= set(names):
+                return names
+        return None
+
+    spans = wait_until(carols_trace, timeout=20)
+    root, dispatch = spans["text_completion tiny-llama"], spans["equinox.dispatch"]
+    for name in ("equinox.admission", "equinox.queue", "equinox.dispatch"):
+        assert spans[name]["parent_id"] == root["context"]["span_id"]
+    for name in ("equinox.prefill", "equinox.decode"):  # carried across the Serve call by the trace context
+        assert spans[name]["parent_id"] == dispatch["context"]["span_id"]
+        assert spans[name]["resource"]["attributes"]["equinox.component"] == "pool-cpu"
+    assert root["resource"]["attributes"]["equinox.component"] == "ingress"
+    a = root["attributes"]
+    assert a["equinox.user"] == "carol" and a["gen_ai.request.model"] == MODEL
+    assert a["gen_ai.usage.output_tokens"] == 6
+    assert a["gen_ai.response.finish_reasons"] == ["length"] and a["equinox.user.weight"] == 2.0
+    assert a["equinox.pool"] == "cpu" and a["equinox.gpu_type"] == "CPU" and "equinox.score" in a
+    assert "equinox.counter.before.holistic" in a and "equinox.counter.after_finish.holistic" in a
+    assert spans["equinox.decode"]["attributes"]["gen_ai.usage.output_tokens"] == 6
+
+
+def test_prometheus_metrics_after_traffic(app):
+    client(ALICE).completions.create(model=MODEL, prompt="fin", max_tokens=4, extra_body={"ignore_eos": True})
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{app}/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(response.text) for s in f.samples}
+    assert samples[("equinox_user_served_tokens_total", (("kind", "output"), ("user", "alice")))] >= 4
+    assert samples[("equinox_user_ttft_seconds_count", (("user", "alice"),))] >= 1
+    assert samples[("equinox_pool_replicas", (("gpu_type", "CPU"), ("pool", "cpu")))] == 1
+    assert ("equinox_user_counter", (("counter", "holistic"), ("user", "bob"))) in samples
+
+
+def test_dashboard_shows_the_demo_users_in_headless_chromium(app, chromium):
+    for key in (ALICE, BOB, CAROL):
+        client(key).completions.create(model=MODEL, prompt="ka", max_tokens=3, extra_body={"ignore_eos": True})
+    url = f"{app}/dashboard?key={ADMIN}"
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--virtual-time-budget=6000", "--window-size=1400,1100"]
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    for user in ("alice", "bob", "carol"):
+        assert f'data-user="{user}"' in dom
+    assert 'data-pool="cpu"' in dom and "policy equinox" in dom
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "dashboard.png"
+    screenshot.unlink(missing_ok=True)
+    subprocess.run([*browser, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    assert screenshot.stat().st_size > 20_000

@@ -24,6 +24,7 @@ class GenerationRequest:
     temperature: float = 0.0
     priority: int = 0  # lower first, as vLLM's priority scheduling
     prompt_len_hint: int | None = None  # prompt length in tokens when only text is given and ids are unknown
+    trace_context: dict[str, str] | None = None  # W3C trace context of the caller's span (telemetry)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Service follows the VTC artifact: a request's service `w_in * prompt + w_out * output` is spread uniformly over
 [first token, finish]. A user is backlogged in a window if one of its requests waited in the fair queue (between
-arrival and grant) during that window.
+arrival and grant, longer than `min_wait_s`) during that window: a request granted on arrival never waited.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _columns(records: Sequence[CompletionRecord], users: list[str], w_in: float,
 
 def windowed_service(records: Sequence[CompletionRecord], users: Mapping[str, User], window_s: float,
                      w_in: float = 1.0, w_out: float = 2.0, start: float | None = None,
-                     end: float | None = None) -> WindowedService:
+                     end: float | None = None, min_wait_s: float = 0.0) -> WindowedService:
     if window_s <= 0:
         raise ValueError("window_s must be > 0")
     names = list(users)
@@ -83,9 +83,10 @@ def windowed_service(records: Sequence[CompletionRecord], users: Mapping[str, Us
     np.add.at(demand, (owner, window_of_arrival), cost)
     demand /= weights[:, None]
     backlogged = np.zeros(service.shape, dtype=bool)
+    waited = cols["granted"] - cols["arrival"] > min_wait_s
     for w in range(service.shape[1]):
         lo, hi = edges[w], edges[w + 1]
-        waiting = (cols["arrival"] < hi) & (cols["granted"] > lo)
+        waiting = waited & (cols["arrival"] < hi) & (cols["granted"] > lo)
         backlogged[np.unique(owner[waiting]), w] = True
     return WindowedService(edges, names, service, demand, backlogged)
 

@@ -23,9 +23,15 @@ class Prediction:
     source: str = "unknown"  # which expert or fallback produced it
 
     def busy_seconds(self, prompt_tokens: int) -> float:
-        """Engine busy time the request will use: at T tokens/s and busy fraction U, a token costs U/T busy-seconds."""
+        """Engine busy time the request will use: at T tokens/s and busy fraction U, a token costs U/T busy-seconds.
+
+        Never more than U times the predicted end-to-end time: a request cannot keep its engine busy for longer than
+        it is in it. The cap keeps a poor throughput prediction (a few tokens/s) from prepaying hours of busy time."""
         tokens = prompt_tokens + self.output_tokens
-        return tokens * self.utilization / max(self.throughput_tps, 1e-9)
+        by_rate = tokens * self.utilization / max(self.throughput_tps, 1e-9)
+        if self.e2e_s > 0:
+            return min(by_rate, self.e2e_s * self.utilization)
+        return by_rate
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ def pool_options(pool: PoolConfig) -> dict:
 
 def build(config: AppConfig) -> Application:
     raw = config.model_dump(mode="json")
-    pools = {p.name: PoolReplica.options(**pool_options(p)).bind(p.model_dump(mode="json"), config.report_interval_s)
+    telemetry = config.telemetry.model_dump(mode="json")
+    pools = {p.name: PoolReplica.options(**pool_options(p)).bind(p.model_dump(mode="json"), config.report_interval_s,
+                                                                 telemetry)
              for p in config.pools}
     return EquinoxIngress.options(ray_actor_options={"num_cpus": 0}).bind(raw, pools)

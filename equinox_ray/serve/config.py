@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from equinox_ray.engines.sim_engine import SimEngineConfig
 from equinox_ray.engines.vllm_engine import VLLMEngineConfig
 from equinox_ray.fairness.equinox import EquinoxWeights
+from equinox_ray.telemetry.config import TelemetryConfig
 
 
 class Strict(BaseModel):
@@ -117,6 +118,7 @@ class AppConfig(Strict):
     report_interval_s: float = Field(0.5, gt=0, le=1.0)
     records_path: str | None = Field(None, description="append a JSONL completion record per finished request "
                                                        "(predictors/records.py), to train MoPE on")
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     @model_validator(mode="after")
     def _unique(self) -> "AppConfig":

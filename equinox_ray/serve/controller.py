@@ -16,12 +16,16 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from equinox_ray.fairness import InvalidRequest, Outcome, PoolView, Request, User
+from equinox_ray.fairness import InvalidRequest, Outcome, PoolView, Prediction, Request, User
+from equinox_ray.fairness.live import PredictionError, SlidingService
 from equinox_ray.fairness.metrics import percentiles
 from equinox_ray.fairness.pools import fitting_pools
 from equinox_ray.serve.config import AppConfig, PolicyConfig, PoolConfig
 from equinox_ray.serve.errors import Busy, Cancelled, QueueFull
 from equinox_ray.serve.policies import make_policy
+
+
+JAIN_WINDOW_S = 60.0
 
 
 @dataclass
@@ -88,6 +92,9 @@ class FairnessController:
         self._admitted: dict[str, dict] = {}  # request id -> pool state at the grant, for completion records
         self._records = open(self.config.records_path, "a") if self.config.records_path else None
         self._t0 = time.monotonic()
+        self.service_window = SlidingService(JAIN_WINDOW_S)
+        self.prediction_error = PredictionError()
+        self._predictions: dict[str, Prediction] = {}
 
     def now(self) -> float:
         return time.monotonic() - self._t0
@@ -133,6 +140,11 @@ class FairnessController:
                           cancelled=cancelled)
         request = self.policy.finish(outcome, self.now())
         self._record(request, pool, output_tokens, ttft_s, e2e_s, cancelled)
+        prediction = self._predictions.pop(request_id, None)
+        if prediction is not None:
+            self.prediction_error.observe(prediction, outcome)
+        self.service_window.add(self.now(), user, self.policy_service(prompt_tokens, output_tokens)
+                                / self.policy.weight(user))
         s = self.stats[user]
         s.output_tokens += output_tokens
         s.prompt_tokens += prompt_tokens
@@ -220,7 +232,7 @@ class FairnessController:
                 "counters": self.policy.counters(name) if name in self.policy.users else {},
                 "submitted": s.submitted, "finished": s.finished, "rejected": s.rejected, "cancelled": s.cancelled,
                 "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens,
-                "service": self.policy_service(s),
+                "service": self.policy_service(s.prompt_tokens, s.output_tokens),
                 "ttft_s": _percentiles(s.ttft_s), "e2e_s": _percentiles(s.e2e_s),
             }
         backlog = self.backlog()
@@ -230,10 +242,22 @@ class FairnessController:
                         "utilization": p.view().utilization if p.replicas else None,
                         "replicas_detail": {r: {"window": s.window, **s.detail} for r, s in p.replicas.items()}}
                  for name, p in self.pools.items()}
-        return {"policy": self.policy.name, "time_s": self.now(), "users": rows, "pools": pools}
+        return {"policy": self.policy.name, "time_s": self.now(), "users": rows, "pools": pools,
+                "jain": self.jain(), "jain_window_s": JAIN_WINDOW_S, "predictor": self.predictor_status()}
 
-    def policy_service(self, s: UserStats) -> float:
-        return self.config.policy.input_weight * s.prompt_tokens + self.config.policy.output_weight * s.output_tokens
+    def policy_service(self, prompt_tokens: int, output_tokens: int) -> float:
+        return self.config.policy.input_weight * prompt_tokens + self.config.policy.output_weight * output_tokens
+
+    def jain(self) -> float | None:
+        """Jain's index of weighted service over the last JAIN_WINDOW_S among users served, waiting or running."""
+        active = set(self.policy.backlogged_users()) | {r.user for r in self.policy.running.values()}
+        return self.service_window.jain(self.now(), active)
+
+    def predictor_status(self) -> dict:
+        predictor = getattr(self.policy, "predictor", None)
+        return {"name": None if predictor is None else type(predictor).__name__,
+                "fallbacks": getattr(predictor, "fallbacks", 0), "error": dict(self.prediction_error.error),
+                "observed": self.prediction_error.count}
 
     # -- dispatch ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -252,6 +276,8 @@ class FairnessController:
             pool_state.granted += 1
             self._granted_at[request.id] = self.now()
             waiter = self._waiters.pop(request.id, None)
+            if grant.prediction is not None:
+                self._predictions[request.id] = grant.prediction
             prediction = grant.prediction.__dict__ if grant.prediction is not None else None
             if waiter is not None and not waiter.done():
                 waiter.set_result({"pool": grant.pool, "score": grant.score, "prediction": prediction,

@@ -7,12 +7,13 @@ what was actually served.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
@@ -24,6 +25,10 @@ from equinox_ray.serve.openai_protocol import (
     APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, sse, usage,
 )
 from equinox_ray.serve.paths import resolve
+from equinox_ray.telemetry.dashboard import DASHBOARD_HTML
+from equinox_ray.telemetry.metrics import FairnessMetrics
+from equinox_ray.telemetry.spans import RequestTrace, tracer_of
+from equinox_ray.telemetry.tracing import make_provider
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="equinox-ray", description="Fair multi-user LLM serving (OpenAI-compatible)")
@@ -114,6 +119,9 @@ class EquinoxIngress:
         self.admins = set(self.config.admin_keys)
         self.max_model_len = max(p.max_model_len for p in self.config.pools)  # the controller picks a pool it fits
         self.model = self.config.model.name
+        self.gpu_types = {p.name: p.gpu_type for p in self.config.pools}
+        self.tracer = tracer_of(make_provider(self.config.telemetry, "ingress"))
+        self.metrics = FairnessMetrics(self.controller, self.config.telemetry.max_user_labels)
 
     # -- routes ----------------------------------------------------------------------------------------------
     @api.get("/health")
@@ -123,6 +131,15 @@ class EquinoxIngress:
     @api.get("/v1/models")
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "equinox-ray"}]}
+
+    @api.get("/metrics")
+    async def prometheus(self) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @api.get("/dashboard")
+    async def dashboard(self) -> HTMLResponse:
+        return HTMLResponse(DASHBOARD_HTML)
 
     @api.get("/v1/fairness")
     async def fairness(self, request: Request) -> dict:
@@ -182,25 +199,27 @@ class EquinoxIngress:
         return user  # the OpenAI `user` field never overrides the key's identity
 
     async def _serve(self, body, user: str, ids: list[int], max_tokens: int | None, chat: bool):
-        if body.model != self.model:
-            raise APIError(404, f"model {body.model!r} does not exist; this server has {self.model!r}",
-                           "invalid_request_error", "model", "model_not_found")
-        max_tokens = max_tokens or self.config.limits.default_max_tokens
-        cap = self.config.limits.max_tokens_cap
-        if cap is not None and max_tokens > cap:
-            raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}",
-                           "invalid_request_error", "max_tokens")
-        if not ids:
-            raise APIError(400, "the prompt is empty", "invalid_request_error", "prompt")
-        if len(ids) + max_tokens > self.max_model_len:
-            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                                f"{len(ids)} and max_tokens is {max_tokens}", "invalid_request_error",
-                           "max_tokens", "context_length_exceeded")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        grant = await self._wait_for_grant(rid, user, len(ids), max_tokens)
+        max_tokens = max_tokens or self.config.limits.default_max_tokens
+        user_config = self.controller.policy.users.get(user)
+        span = RequestTrace(self.tracer, request_id=rid, operation="chat" if chat else "text_completion",
+                            model=body.model, user=user, weight=user_config.weight if user_config else None,
+                            policy=self.controller.policy.name, prompt_tokens=len(ids), max_tokens=max_tokens)
+        try:
+            with span.admission(user, user_config.weight if user_config else None):
+                self._admit(body, ids, max_tokens)
+            span.queued()
+            grant = await self._wait_for_grant(rid, user, len(ids), max_tokens)
+        except APIError as exc:
+            span.failed(exc.status, exc.message)
+            raise
+        except BaseException as exc:
+            span.failed(499 if isinstance(exc, asyncio.CancelledError) else 500, type(exc).__name__)
+            raise
+        carrier = span.granted(grant, self.gpu_types.get(grant["pool"], ""))
         generation = GenerationRequest(rid, max_tokens, prompt_token_ids=list(ids), ignore_eos=body.ignore_eos,
-                                       temperature=body.temperature)
-        chunks = self._stream(grant["pool"], generation, user)
+                                       temperature=body.temperature, trace_context=carrier)
+        chunks = self._stream(grant["pool"], generation, user, span, grant.get("queue_wait_s", 0.0))
         try:  # start the stream here, so that from the grant on a running generator owns the request
             first = await chunks.__anext__()
         except BaseException as exc:
@@ -214,6 +233,22 @@ class EquinoxIngress:
                                      media_type="text/event-stream")
         return await self._collect(chunks, rid, chat)
 
+    def _admit(self, body, ids: list[int], max_tokens: int) -> None:
+        """Refuse, before it queues, what this server cannot run."""
+        if body.model != self.model:
+            raise APIError(404, f"model {body.model!r} does not exist; this server has {self.model!r}",
+                           "invalid_request_error", "model", "model_not_found")
+        cap = self.config.limits.max_tokens_cap
+        if cap is not None and max_tokens > cap:
+            raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}",
+                           "invalid_request_error", "max_tokens")
+        if not ids:
+            raise APIError(400, "the prompt is empty", "invalid_request_error", "prompt")
+        if len(ids) + max_tokens > self.max_model_len:
+            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                                f"{len(ids)} and max_tokens is {max_tokens}", "invalid_request_error",
+                           "max_tokens", "context_length_exceeded")
+
     async def _wait_for_grant(self, rid: str, user: str, prompt_tokens: int, max_tokens: int) -> dict:
         try:
             return await self.controller.submit(rid, user, prompt_tokens, max_tokens)
@@ -224,7 +259,8 @@ class EquinoxIngress:
         except Cancelled:
             raise APIError(499, "request cancelled", "invalid_request_error") from None
 
-    async def _stream(self, pool: str, generation: GenerationRequest, user: str):
+    async def _stream(self, pool: str, generation: GenerationRequest, user: str, span: RequestTrace,
+                      queue_wait_s: float):
         """Chunks from the pool; whatever happens, the controller learns what was served."""
         response = self.pools[pool].options(stream=True).generate.remote(generation)
         served, reported, final = 0, 0, None
@@ -241,10 +277,14 @@ class EquinoxIngress:
             if final is None:
                 response.cancel()  # aborts the engine request on the replica
             u = final.usage if final is not None else None
-            self.controller.finish(
-                generation.id, user, pool, len(generation.prompt_token_ids), u.output_tokens if u else served,
-                u.ttft_s if u else 0.0, u.e2e_s if u else 0.0, u.busy_seconds if u else 0.0,
-                cancelled=final is None or final.finish_reason == "abort")
+            output, ttft, e2e, busy = (u.output_tokens, u.ttft_s, u.e2e_s, u.busy_seconds) if u else (served, 0.0,
+                                                                                                      0.0, 0.0)
+            self.controller.finish(generation.id, user, pool, len(generation.prompt_token_ids), output, ttft, e2e,
+                                   busy, cancelled=final is None or final.finish_reason == "abort")
+            if final is not None and final.finish_reason != "abort":
+                self.metrics.observe_ttft(user, queue_wait_s + ttft)
+            span.finished(output_tokens=output, finish_reason=final.finish_reason if final else None, ttft_s=ttft,
+                          e2e_s=e2e, busy_seconds=busy, counters=self.controller.policy.counters(user))
 
     async def _collect(self, chunks, rid: str, chat: bool) -> dict:
         text, n, finish, prompt = [], 0, None, 0

@@ -20,6 +20,9 @@ from equinox_ray.engines.types import GenerationRequest, TokenChunk
 from equinox_ray.engines.vllm_engine import VLLMEngine
 from equinox_ray.serve.config import PoolConfig
 from equinox_ray.serve.paths import resolve
+from equinox_ray.telemetry.config import TelemetryConfig
+from equinox_ray.telemetry.spans import traced_generation, tracer_of
+from equinox_ray.telemetry.tracing import make_provider
 
 log = logging.getLogger("ray.serve")
 INGRESS_DEPLOYMENT = "EquinoxIngress"
@@ -35,7 +38,7 @@ def make_engine(pool: PoolConfig):
 
 @serve.deployment(max_ongoing_requests=1024, health_check_period_s=5, health_check_timeout_s=30)
 class PoolReplica:
-    async def __init__(self, pool: dict, report_interval_s: float = 0.5) -> None:
+    async def __init__(self, pool: dict, report_interval_s: float = 0.5, telemetry: dict | None = None) -> None:
         self.pool = PoolConfig.model_validate(pool)
         context = serve.get_replica_context()
         self.name = context.replica_id.unique_id
@@ -44,13 +47,18 @@ class PoolReplica:
         window = AdmissionWindow(maximum=a.max_window, initial=a.initial_window,
                                  target_tpot_s=None if a.target_tpot_ms is None else a.target_tpot_ms / 1000.0)
         self.replica = Replica(make_engine(self.pool), window, name=self.name, pool=self.pool.name)
+        self.tracer = tracer_of(make_provider(TelemetryConfig.model_validate(telemetry or {}), f"pool-{self.pool.name}"))
+        self.span_attributes = {"equinox.pool": self.pool.name, "equinox.gpu_type": self.pool.gpu_type,
+                                "equinox.replica": self.name}
         await self.replica.start()
         self.backlog = 0
         self.report_interval_s = report_interval_s
         self._reporter = asyncio.create_task(self._report_loop())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        async for chunk in self.replica.generate(request):
+        chunks = self.replica.generate(request)
+        async for chunk in traced_generation(self.tracer, chunks, request.trace_context,
+                                             {**self.span_attributes, "equinox.request_id": request.id}):
             yield chunk
 
     def check_health(self) -> None:

@@ -1,0 +1,135 @@
+"""The cluster simulator and the smoke version of the benchmark suite: orderings that must hold, not numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.__main__ import main as bench_main
+from bench.report import counter_bound, lightest_users, metrics
+from bench.scenarios import A10G_TO_A100, MIXED, SCENARIOS, compressed, pool
+from bench.suite import Run, run_scenario
+from equinox_ray.fairness import FCFS, VTC, Equinox, EquinoxWeights, MovingAveragePredictor, Request
+from equinox_ray.fairness.metrics import service_difference, windowed_service
+from equinox_ray.sim import ClusterSim, PoolSpec
+from equinox_ray.workloads import synthetic, traces
+from equinox_ray.workloads.workload import Workload
+
+A100 = (PoolSpec("a100", "A100", 1),)
+
+
+@pytest.fixture(scope="module")
+def overload_runs() -> dict[str, Run]:
+    """The two-client overload (client-1 asks twice as much as client-0), one A100, loaded as VTC's A10G was."""
+    runs = run_scenario(SCENARIOS["vtc-suites"], smoke=True, policies=("fcfs", "vtc", "equinox"), progress=False)
+    return {r.label: r for r in runs if r.workload.name == "overload"}
+
+
+def test_every_request_finishes_once_with_consistent_times(overload_runs):
+    for run in overload_runs.values():
+        records = run.result.records
+        assert sorted(r.request_id for r in records) == sorted(f"overload-{i}" for i in range(len(run.workload.requests)))
+        truth = {f"overload-{i}": r.output_tokens for i, r in enumerate(run.workload.requests)}
+        assert all(r.output_tokens == truth[r.request_id] for r in records)
+        assert all(r.arrival <= r.granted <= r.first_token <= r.finish for r in records)
+        assert 0 < run.result.utilization <= 1.0
+
+
+def test_vtc_service_difference_below_fcfs_on_the_two_client_overload(overload_runs):
+    m = {label: metrics(run) for label, run in overload_runs.items()}
+    assert m["vtc"]["sd_avg"] < m["fcfs"]["sd_avg"] / 2
+    assert m["equinox"]["sd_avg"] < m["fcfs"]["sd_avg"] / 2
+    assert m["vtc"]["jain"] > m["fcfs"]["jain"]
+
+
+def test_fair_policies_cut_the_light_clients_wait(overload_runs):
+    light = lightest_users(overload_runs["fcfs"].workload)
+    assert light == {"client-0"}
+    m = {label: metrics(run) for label, run in overload_runs.items()}
+    assert m["vtc"]["light_ttft_p50"] < m["fcfs"]["light_ttft_p50"] / 2
+    assert m["equinox"]["light_ttft_p50"] < m["fcfs"]["light_ttft_p50"] / 2
+
+
+def test_counter_gap_within_the_claimed_bound(overload_runs):
+    for label in ("vtc", "equinox"):
+        run = overload_runs[label]
+        assert run.result.max_counter_gap is not None and run.result.max_counter_gap > 0
+        assert run.result.max_counter_gap <= counter_bound(run)
+    assert overload_runs["fcfs"].result.max_counter_gap is None
+
+
+def test_equinox_with_zero_weights_runs_exactly_like_vtc_in_the_simulator():
+    workload = compressed(synthetic.poisson_short_long(duration=40.0), A10G_TO_A100)
+    users = list(workload.users.values())
+    vtc = ClusterSim(A100, VTC(users, predictor=MovingAveragePredictor())).run(workload)
+    eq = ClusterSim(A100, Equinox(users, weights=EquinoxWeights(latency=0, resource=0),
+                                  predictor=MovingAveragePredictor())).run(workload)
+    assert [(r.request_id, r.granted) for r in vtc.records] == [(r.request_id, r.granted) for r in eq.records]
+    beta = ClusterSim(A100, Equinox(users, weights=EquinoxWeights(latency=0, resource=5.0),
+                                    predictor=MovingAveragePredictor())).run(workload)
+    assert [r.request_id for r in beta.records] != [r.request_id for r in vtc.records]
+
+
+class RecordingVTC(VTC):
+    """VTC that keeps what it was told at submit, to check what the scheduler can see."""
+
+    def __init__(self, users):
+        super().__init__(users)
+        self.seen: list[Request] = []
+
+    def submit(self, request, now):
+        self.seen.append(Request(request.id, request.user, request.arrival, request.prompt_tokens,
+                                 request.max_tokens))
+        super().submit(request, now)
+
+
+def test_the_policy_never_sees_the_true_output_length():
+    workload = traces.lmsys_arena()
+    workload = Workload(workload.name, workload.users, workload.requests[:120])
+    policy = RecordingVTC(list(workload.users.values()))
+    result = ClusterSim(A100, policy, max_tokens_cap=1024).run(workload)
+    assert all(r.max_tokens == min(1024, 4096 - r.prompt_tokens) for r in policy.seen)
+    truth = {f"{workload.name}-{i}": r.output_tokens for i, r in enumerate(workload.requests)}
+    assert any(truth[r.id] != r.max_tokens for r in policy.seen)
+    assert all(r.output_tokens == min(truth[r.request_id], 1024) for r in result.records)
+
+
+def test_heterogeneous_cluster_equinox_dispatches_to_faster_gpus_and_cuts_ttft():
+    workload = SCENARIOS["azure-mixed"].workloads(True)[0]
+    runs = {}
+    for label, policy in (("vtc", VTC(list(workload.users.values()))),
+                          ("equinox", Equinox(list(workload.users.values()), predictor=MovingAveragePredictor()))):
+        runs[label] = ClusterSim(MIXED, policy, max_tokens_cap=1024).run(workload)
+    share = {label: sum(r.pool == "h100" for r in res.records) / len(res.records) for label, res in runs.items()}
+    assert share["equinox"] > share["vtc"]
+    ttft = {label: sorted(r.ttft for r in res.records)[len(res.records) // 2] for label, res in runs.items()}
+    assert ttft["equinox"] < ttft["vtc"]
+
+
+def test_weighted_users_get_service_in_proportion_under_overload():
+    workload = compressed(synthetic.overload_weighted(duration=90.0), A10G_TO_A100)
+    result = ClusterSim(A100, VTC(list(workload.users.values()))).run(workload)
+    ws = windowed_service(result.records, workload.users, 5.0)
+    busy = ws.backlogged.all(axis=0)
+    served = (ws.service[:, busy] * [[u.weight] for u in workload.users.values()]).sum(axis=1)
+    # weights 1:2:3:4, all backlogged: raw service in the same order
+    assert list(served) == sorted(served)
+    assert service_difference(ws)[1] >= 0
+
+
+def test_bad_cluster_configs_are_refused():
+    with pytest.raises(ValueError, match="unknown GPU"):
+        PoolSpec("x", "B200", 1)
+    with pytest.raises(ValueError, match="replicas"):
+        PoolSpec("x", "A100", 0)
+    with pytest.raises(ValueError, match="distinct"):
+        ClusterSim([pool("a", "A100", 1), pool("a", "L4", 1)], FCFS())
+
+
+def test_bench_suite_smoke_writes_tables_and_plots(tmp_path):
+    bench_main(["suite", "--scenario", "lmsys", "--smoke", "--predictor", "moving-average", "--out", str(tmp_path)])
+    text = (tmp_path / "lmsys-smoke.md").read_text()
+    for label in ("fcfs", "vtc", "vtc-predict", "equinox", "equinox-no-latency", "equinox-no-resource"):
+        assert f"| {label} |" in text
+    assert "| Equinox against |" in text
+    for kind in ("service", "ttft", "jain"):
+        assert (tmp_path / f"lmsys-{kind}.png").stat().st_size > 10_000

@@ -1,0 +1,231 @@
+"""Traces, metrics and the live fairness figures, without Ray: the real controller, a real replica of the simulated
+GPU, and the real OpenTelemetry SDK and exporters (in memory, JSON lines, and OTLP/HTTP to a loopback receiver)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
+                                                                      ExportTraceServiceResponse)
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+from equinox_ray.engines.admission import AdmissionWindow
+from equinox_ray.engines.replica import Replica
+from equinox_ray.engines.sim_engine import SimEngine, SimEngineConfig
+from equinox_ray.engines.types import GenerationRequest
+from equinox_ray.fairness.live import PredictionError, SlidingService
+from equinox_ray.fairness.prediction import Outcome, Prediction
+from equinox_ray.serve.controller import FairnessController
+from equinox_ray.telemetry.config import TelemetryConfig
+from equinox_ray.telemetry.metrics import FairnessMetrics
+from equinox_ray.telemetry.spans import RequestTrace, traced_generation, tracer_of
+from equinox_ray.telemetry.tracing import make_provider
+
+GEN_AI = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.request.max_tokens",
+          "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.response.finish_reasons")
+EQUINOX = ("equinox.user", "equinox.user.weight", "equinox.policy", "equinox.counter.before.ufc",
+           "equinox.counter.before.rfc", "equinox.counter.after_admission.ufc", "equinox.counter.after_finish.rfc",
+           "equinox.score", "equinox.predicted.output_tokens", "equinox.predicted.e2e_s",
+           "equinox.measured.output_tokens", "equinox.measured.e2e_s", "equinox.pool", "equinox.gpu_type",
+           "equinox.queue_wait_s")
+
+
+def controller_config(users=("alice",), **telemetry) -> dict:
+    return {
+        "model": {"name": "llama-sim", "tokenizer": None},
+        "users": [{"name": u, "api_key": f"sk-{u}-key-0000", "weight": 2.0 if u == "alice" else 1.0} for u in users],
+        "policy": {"name": "equinox", "predictor": "moving-average"},
+        "pools": [{"name": "h100", "gpu_type": "H100", "engine": "sim", "sim": {"gpu": "H100", "time_scale": 20.0},
+                   "admission": {"max_window": 4, "initial_window": 4}}],
+        "telemetry": telemetry,
+    }
+
+
+async def one_traced_request(tracer, controller: FairnessController, replica: Replica, rid: str = "cmpl-1") -> None:
+    """A request along the path the ingress and the pool replica take, each step with its spans."""
+    span = RequestTrace(tracer, request_id=rid, operation="text_completion", model="llama-sim", user="alice",
+                        weight=2.0, policy=controller.policy.name, prompt_tokens=40, max_tokens=12)
+    with span.admission("alice", 2.0):
+        pass
+    span.queued()
+    grant = await controller.submit(rid, "alice", 40, 12)
+    carrier = span.granted(grant, "H100")
+    request = GenerationRequest(rid, 12, prompt_token_ids=list(range(3, 43)), ignore_eos=True,
+                                trace_context=carrier)
+    final = None
+    async for chunk in traced_generation(tracer, replica.generate(request), request.trace_context,
+                                         {"equinox.pool": "h100"}):
+        final = chunk if chunk.usage is not None else final
+    u = final.usage
+    counters = controller.finish(rid, "alice", grant["pool"], 40, u.output_tokens, u.ttft_s, u.e2e_s, u.busy_seconds)
+    span.finished(output_tokens=u.output_tokens, finish_reason=final.finish_reason, ttft_s=u.ttft_s, e2e_s=u.e2e_s,
+                  busy_seconds=u.busy_seconds, counters=counters)
+
+
+def run_request(tracer) -> None:
+    async def main():
+        controller = FairnessController(controller_config())
+        replica = Replica(SimEngine(SimEngineConfig(gpu="H100", time_scale=20.0)), AdmissionWindow(maximum=4))
+        await replica.start()
+        try:
+            await one_traced_request(tracer, controller, replica)
+        finally:
+            await replica.engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_in_memory_exporter_sees_the_whole_span_tree_with_its_attributes():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    run_request(provider.get_tracer("test"))
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"text_completion llama-sim", "equinox.admission", "equinox.queue", "equinox.dispatch",
+                          "equinox.prefill", "equinox.decode"}
+    root = spans["text_completion llama-sim"]
+    assert len({s.context.trace_id for s in spans.values()}) == 1
+    parent = {name: s.parent.span_id if s.parent else None for name, s in spans.items()}
+    assert parent["text_completion llama-sim"] is None
+    for child in ("equinox.admission", "equinox.queue", "equinox.dispatch"):
+        assert parent[child] == root.context.span_id
+    for child in ("equinox.prefill", "equinox.decode"):  # continued from the carrier, as in the pool replica
+        assert parent[child] == spans["equinox.dispatch"].context.span_id
+    for name in GEN_AI + EQUINOX:
+        assert name in root.attributes, name
+    assert root.attributes["gen_ai.usage.output_tokens"] == 12
+    assert root.attributes["gen_ai.response.finish_reasons"] == ("length",)
+    assert root.attributes["equinox.user"] == "alice" and root.attributes["equinox.policy"] == "equinox"
+    assert spans["equinox.queue"].attributes["equinox.gpu_type"] == "H100"
+    assert spans["equinox.decode"].attributes["gen_ai.usage.output_tokens"] == 12
+    assert spans["equinox.prefill"].end_time <= spans["equinox.decode"].start_time
+
+
+def test_jsonl_exporter_writes_one_parseable_span_per_line(tmp_path):
+    path = tmp_path / "spans.jsonl"
+    provider = make_provider(TelemetryConfig(exporter="jsonl", jsonl_path=str(path)), "test")
+    run_request(tracer_of(provider))
+    provider.force_flush()
+    spans = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {s["name"] for s in spans} >= {"equinox.queue", "equinox.prefill"}
+    root = next(s for s in spans if s["parent_id"] is None)
+    assert root["attributes"]["equinox.user"] == "alice"
+    assert root["resource"]["attributes"]["service.name"] == "equinox-ray"
+
+
+def test_no_exporter_means_no_provider_and_a_silent_tracer():
+    assert make_provider(TelemetryConfig(exporter="none"), "test") is None
+    run_request(tracer_of(None))  # the request path still works with tracing off
+
+
+def test_sampling_ratio_zero_records_nothing(tmp_path):
+    path = tmp_path / "spans.jsonl"
+    provider = make_provider(TelemetryConfig(exporter="jsonl", jsonl_path=str(path), sampling_ratio=0.0), "test")
+    run_request(tracer_of(provider))
+    provider.force_flush()
+    assert not path.exists() or path.read_text() == ""
+    with pytest.raises(ValueError):
+        TelemetryConfig(sampling_ratio=1.5)
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[ExportTraceServiceRequest] = []
+
+    def do_POST(self):  # noqa: N802 (the http.server API)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(body)
+        type(self).received.append((self.path, self.headers["Content-Type"], message))
+        reply = ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_otlp_http_round_trip_to_a_loopback_receiver():
+    _Receiver.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_port}/v1/traces"
+        provider = make_provider(TelemetryConfig(exporter="otlp-http", endpoint=endpoint), "test")
+        run_request(tracer_of(provider))
+        assert provider.force_flush(10_000)
+    finally:
+        server.shutdown()
+    assert _Receiver.received
+    path, content_type, _ = _Receiver.received[0]
+    assert path == "/v1/traces" and content_type == "application/x-protobuf"
+    spans = [span for _, _, message in _Receiver.received for rs in message.resource_spans
+             for ss in rs.scope_spans for span in ss.spans]
+    names = {s.name for s in spans}
+    assert {"text_completion llama-sim", "equinox.queue", "equinox.prefill", "equinox.decode"} <= names
+    root = next(s for s in spans if s.name == "text_completion llama-sim")
+    attributes = {a.key: a.value for a in root.attributes}
+    assert attributes["gen_ai.request.model"].string_value == "llama-sim"
+    assert attributes["equinox.user"].string_value == "alice"
+    assert attributes["gen_ai.usage.output_tokens"].int_value == 12
+    assert len({s.trace_id for s in spans}) == 1
+
+
+def test_prometheus_metrics_bound_user_labels_and_report_what_was_served():
+    async def main():
+        users = [f"u{i:02d}" for i in range(8)]
+        controller = FairnessController(controller_config(users=users))
+        metrics = FairnessMetrics(controller, max_user_labels=3)
+        for i, user in enumerate(users[:4]):
+            await controller.submit(f"r{i}", user, 10, 5)
+        for i, user in enumerate(users[:4]):
+            controller.finish(f"r{i}", user, "h100", 10, 5, 0.1, 0.4, 0.2)
+            metrics.observe_ttft(user, 0.3)
+        controller.report("h100", "replica-0", 4, 4, 1234.0, 0.5, 0.1)
+        return metrics.render()
+
+    body, content_type = asyncio.run(main())
+    assert content_type.startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    served = {(s.labels["user"], s.labels["kind"]): s.value for s in families["equinox_user_served_tokens"].samples
+              if s.name.endswith("_total")}
+    assert {u for u, _ in served} == {"u00", "u01", "u02", "other"}  # three named, the rest in 'other'
+    assert served[("u00", "output")] == 5 and served[("other", "output")] == 5 and served[("other", "input")] == 10
+    ttft = {s.labels["user"] for s in families["equinox_user_ttft_seconds"].samples}
+    assert ttft <= {"u00", "u01", "u02", "other"} and "other" in ttft
+    pools = {s.name: s.value for f in families.values() for s in f.samples if s.name.startswith("equinox_pool")}
+    assert pools["equinox_pool_throughput_tokens_per_second"] == 1234.0 and pools["equinox_pool_replicas"] == 1
+    assert 0 < families["equinox_jain_index"].samples[0].value <= 1
+    assert {s.labels["target"] for s in families["equinox_predictor_relative_error"].samples} == {
+        "output_tokens", "ttft_s", "e2e_s"}
+
+
+def test_sliding_service_jain_counts_waiting_users_with_no_service():
+    window = SlidingService(window_s=10.0)
+    window.add(0.0, "a", 100.0)
+    window.add(1.0, "b", 100.0)
+    assert window.jain(2.0, []) == pytest.approx(1.0)
+    assert window.jain(2.0, ["c"]) == pytest.approx(2 / 3)  # c waits and got nothing
+    assert window.jain(10.5, []) is None  # a's service left the window; b alone
+    assert window.service(20.0) == {}
+
+
+def test_prediction_error_is_relative_and_smoothed():
+    error = PredictionError(smoothing=0.5)
+    outcome = Outcome("r", "a", "p", 10, 100, 0.5, 2.0, 1.0)
+    error.observe(Prediction(50, 0.5, 1.0, 1000, 0.5), outcome)
+    assert error.error == {"output_tokens": 0.5, "ttft_s": 0.0, "e2e_s": 0.5}
+    error.observe(Prediction(100, 0.5, 2.0, 1000, 0.5), outcome)
+    assert error.error["output_tokens"] == pytest.approx(0.25)
+    error.observe(Prediction(0, 0, 0, 1, 1), Outcome("r", "a", "p", 10, 0, 0, 0, 0, cancelled=True))
+    assert error.count == 2
