@@ -262,7 +262,8 @@ class EquinoxIngress:
     async def _stream(self, pool: str, generation: GenerationRequest, user: str, span: RequestTrace,
                       queue_wait_s: float):
         """Chunks from the pool; whatever happens, the controller learns what was served."""
-        response = self.pools[pool].options(stream=True).generate.remote(generation)
+        with span.dispatching():
+            response = self.pools[pool].options(stream=True).generate.remote(generation)
         served, reported, final = 0, 0, None
         try:
             async for chunk in response:

@@ -14,6 +14,7 @@ Attribute names are string literals: the GenAI semantic conventions where they a
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import AsyncIterator
 
 from opentelemetry import trace
@@ -78,6 +79,10 @@ class RequestTrace:
         carrier: dict[str, str] = {}
         inject(carrier, context=trace.set_span_in_context(self.dispatch))
         return carrier
+
+    def dispatching(self):
+        """Make the dispatch span current around the call to the pool, so Serve's own routing spans nest in it."""
+        return trace.use_span(self.dispatch, end_on_exit=False) if self.dispatch is not None else nullcontext()
 
     def finished(self, *, output_tokens: int, finish_reason: str | None, ttft_s: float, e2e_s: float,
                  busy_seconds: float, counters: dict | None) -> None:
