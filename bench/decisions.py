@@ -69,7 +69,7 @@ def main() -> None:
     from predictors.train import DEFAULT_MODELS
 
     mope = decisions_per_second(lambda users: Equinox(users, predictor=MoPE(DEFAULT_MODELS)), 1_000)
-    print(f"equinox with MoPE (one prediction per candidate pool, 2 pools), 1,000 users: {mope:,.0f}/s")
+    print(f"equinox with MoPE (one batched prediction for the 2 candidate pools), 1,000 users: {mope:,.0f}/s")
     target = curves["equinox (moving-average predictor)"][USERS.index(1_000)]
     print(f"\nEquinox at 1,000 users: {target:,.0f} decisions/s (target >= 20,000): "
           f"{'met' if target >= 20_000 else 'NOT met'}")
