@@ -119,7 +119,24 @@ def ratios(rows: dict[str, dict[str, float]]) -> str:
                          f"{eq['utilization']:.1%} vs {b['utilization']:.1%} |")
     lines.append(f"| paper's claim vs VTC | {PAPER['throughput']} | {PAPER['ttft_p50']} | | | {PAPER['jain']} | "
                  f"{PAPER['utilization']} |")
+    if "vtc" in rows:
+        lines += ["", verdict(eq, rows["vtc"])]
     return "\n".join(lines)
+
+
+def verdict(eq: dict[str, float], vtc: dict[str, float], noise: float = 0.02) -> str:
+    """Where Equinox wins or loses against VTC, past a 2% band that is counted as a tie."""
+    wins, losses = [], []
+    for key, name, higher_is_better in (("throughput", "throughput", True), ("ttft_p50", "TTFT p50", False),
+                                        ("light_ttft_p50", "light-user TTFT p50", False),
+                                        ("ttft_p99", "TTFT p99", False), ("jain", "Jain's index", True),
+                                        ("sd_avg", "average service difference", False)):
+        a, b = eq[key], vtc[key]
+        if not b or math.isnan(a) or math.isnan(b) or abs(a - b) <= noise * abs(b):
+            continue
+        (wins if (a > b) == higher_is_better else losses).append(f"{name} ({change(a, b)})")
+    return (f"**Equinox against VTC here.** Better on: {', '.join(wins) or 'nothing'}. "
+            f"Worse on: {', '.join(losses) or 'nothing'}. (Differences within 2% count as ties.)")
 
 
 def _ratio(a: float, b: float) -> str:

@@ -120,6 +120,19 @@ def test_jsonl_exporter_writes_one_parseable_span_per_line(tmp_path):
     assert root["resource"]["attributes"]["service.name"] == "equinox-ray"
 
 
+def test_otlp_exporters_are_chosen_by_the_config():
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    from equinox_ray.telemetry.tracing import make_exporter
+
+    grpc = make_exporter(TelemetryConfig(exporter="otlp-grpc", endpoint="http://collector:4317"))
+    assert isinstance(grpc, GrpcExporter)
+    assert isinstance(make_exporter(TelemetryConfig(exporter="otlp-http")), HttpExporter)
+    with pytest.raises(ValueError):
+        TelemetryConfig(exporter="zipkin")
+
+
 def test_no_exporter_means_no_provider_and_a_silent_tracer():
     assert make_provider(TelemetryConfig(exporter="none"), "test") is None
     run_request(tracer_of(None))  # the request path still works with tracing off
