@@ -69,6 +69,10 @@ class MoPE:
                                         "utilization": outcome.utilization if outcome.utilization is not None
                                         else predicted.utilization}))
 
+    def forget(self, request_id: str) -> None:
+        """A request that will never run (cancelled while waiting): drop the predictions kept for it."""
+        self._pending.pop(request_id, None)
+
     # -- batch prediction -----------------------------------------------------------------------------------
     def predict_batch(self, items: list[tuple[Request, PoolView]]) -> list[Prediction]:
         experts = self.experts

@@ -95,6 +95,7 @@ class FairnessController:
         self.service_window = SlidingService(JAIN_WINDOW_S)
         self.prediction_error = PredictionError()
         self._predictions: dict[str, Prediction] = {}
+        self._backlog: tuple[float, dict[str, int]] | None = None  # (when, counts): see backlog()
 
     def now(self) -> float:
         return time.monotonic() - self._t0
@@ -182,6 +183,9 @@ class FairnessController:
             waiter.exception()  # retrieved: nobody may be awaiting it any more
         if request is not None:
             self.stats[request.user].cancelled += 1
+            forget = getattr(getattr(self.policy, "predictor", None), "forget", None)
+            if forget is not None:  # the predictions made while it waited (pool choices for the backlog)
+                forget(request_id)
             self._dispatch()
         return request is not None
 
@@ -204,12 +208,22 @@ class FairnessController:
             raise Busy("the policy can only change while no request is waiting or running")
         config = PolicyConfig.model_validate(policy)
         self.policy = make_policy(config, list(self.policy.users.values()))
+        self._backlog = None
         self.config = self.config.model_copy(update={"policy": config})
         return self.policy.name
 
     # -- views ------------------------------------------------------------------------------------------------
     def backlog(self) -> dict[str, int]:
-        """Waiting requests per pool they would go to now (the autoscaler's signal)."""
+        """Waiting requests per pool they would go to now (the autoscaler's signal). Each waiting request costs a
+        pool choice (a prediction under Equinox), so the answer is reused for half a report interval: every
+        replica's report asks for it."""
+        now = self.now()
+        if self._backlog is not None and now - self._backlog[0] < self.config.report_interval_s / 2:
+            return self._backlog[1]
+        self._backlog = (now, self._count_backlog())
+        return self._backlog[1]
+
+    def _count_backlog(self) -> dict[str, int]:
         views = [p.view() for p in self.pools.values()]
         open_views = [PoolView(**{**v.__dict__, "free_slots": max(v.free_slots, 1)}) for v in views]
         counts = {name: 0 for name in self.pools}
