@@ -201,12 +201,13 @@ class EquinoxIngress:
     async def _serve(self, body, user: str, ids: list[int], max_tokens: int | None, chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         max_tokens = max_tokens or self.config.limits.default_max_tokens
-        user_config = self.controller.policy.users.get(user)
+        known = self.controller.policy.users.get(user)  # None for a demo user's first request with auth off
+        weight = known.weight if known else None
         span = RequestTrace(self.tracer, request_id=rid, operation="chat" if chat else "text_completion",
-                            model=body.model, user=user, weight=user_config.weight if user_config else None,
-                            policy=self.controller.policy.name, prompt_tokens=len(ids), max_tokens=max_tokens)
+                            model=body.model, user=user, weight=weight, policy=self.controller.policy.name,
+                            prompt_tokens=len(ids), max_tokens=max_tokens)
         try:
-            with span.admission(user, user_config.weight if user_config else None):
+            with span.admission(user, weight):
                 self._admit(body, ids, max_tokens)
             span.queued()
             grant = await self._wait_for_grant(rid, user, len(ids), max_tokens)

@@ -65,6 +65,7 @@ class ClusterSim:
     gap_sample_s: float = 1.0
     stats_window_s: float = 5.0
     _replicas: dict[str, list[SimReplica]] = field(init=False, default_factory=dict)
+    _ran: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.pools]
@@ -76,6 +77,10 @@ class ClusterSim:
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, workload: Workload, progress: Callable[[int], None] | None = None) -> SimResult:
+        """Simulate the workload to the last finish. One run per simulator: replicas and policy keep their state."""
+        if self._ran:
+            raise RuntimeError("this ClusterSim has already run: build a new one (and a new policy)")
+        self._ran = True
         started = time.perf_counter()
         for user in workload.users.values():
             if user.name not in self.policy.users:
