@@ -19,19 +19,15 @@ MAX_USERS_DRAWN = 8
 SHOWN = ("fcfs", "vtc", "equinox")
 
 
-def _window(run: Run) -> float:
-    return run.scenario.window_s / run.scenario.time_scale
-
-
 def service_over_time(runs: Sequence[Run], path: Path) -> None:
     shown = [r for r in runs if r.label in SHOWN]
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.6), sharey=True, squeeze=False)
     for ax, run in zip(axes[0], shown):
-        ws = windowed_service(run.result.records, run.workload.users, _window(run))
+        ws = windowed_service(run.result.records, run.workload.users, run.scenario.metrics_window_s)
         totals = ws.service.sum(axis=1)
         drawn = np.argsort(-totals)[:MAX_USERS_DRAWN]
         for i in sorted(drawn):
-            ax.plot(ws.edges[1:], ws.service[i] / _window(run), label=ws.users[i], lw=1)
+            ax.plot(ws.edges[1:], ws.service[i] / run.scenario.metrics_window_s, label=ws.users[i], lw=1)
         ax.set_title(run.label)
         ax.set_xlabel("time (s)")
     axes[0][0].set_ylabel("service rate per user\n(weighted tokens/s)")
@@ -66,7 +62,7 @@ def ttft_cdf(runs: Sequence[Run], path: Path) -> None:
 def jain_over_time(runs: Sequence[Run], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for run in runs:
-        ws = windowed_service(run.result.records, run.workload.users, _window(run))
+        ws = windowed_service(run.result.records, run.workload.users, run.scenario.metrics_window_s)
         ax.plot(ws.edges[1:], jain_per_window(ws), label=run.label, lw=1)
     ax.set_xlabel("time (s)")
     ax.set_ylabel("Jain's index (backlogged users)")

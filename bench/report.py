@@ -9,10 +9,10 @@ from typing import Sequence
 import numpy as np
 
 from bench.suite import Run
+from equinox_ray.engines.gpu_profiles import StepModel
 from equinox_ray.fairness.equinox import EquinoxWeights
 from equinox_ray.fairness.metrics import (CompletionRecord, jain_per_window, percentiles, service_difference,
                                           throughput, windowed_service)
-from equinox_ray.sim.replica import SimReplica
 from equinox_ray.workloads.workload import Workload
 
 W_IN, W_OUT = 1.0, 2.0
@@ -46,7 +46,7 @@ def counter_bound(run: Run) -> float | None:
     result, workload = run.result, run.workload
     w_min = min(u.weight for u in workload.users.values())
     longest_input = max(r.prompt_tokens for r in result.records)
-    batch_tokens = sum(SimReplica("x", p).batcher.kv_capacity * p.replicas for p in result.pools)
+    batch_tokens = sum(StepModel.of(p.gpu, p.model).kv_capacity_tokens * p.replicas for p in result.pools)
     admission = max(W_IN * longest_input / w_min, result.largest_charge)
     bound = 2 * max(admission, W_OUT * batch_tokens / w_min)
     if run.label.startswith("equinox"):
@@ -77,7 +77,7 @@ def record_metrics(records: Sequence[CompletionRecord], workload: Workload, wind
 
 def metrics(run: Run) -> dict[str, float]:
     gap = run.result.max_counter_gap
-    return {**record_metrics(run.result.records, run.workload, run.scenario.window_s / run.scenario.time_scale),
+    return {**record_metrics(run.result.records, run.workload, run.scenario.metrics_window_s),
             "utilization": run.result.utilization, "gap": float("nan") if gap is None else gap,
             "bound": counter_bound(run) or float("nan")}
 

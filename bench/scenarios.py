@@ -33,6 +33,11 @@ class Scenario:
     policies: tuple[str, ...] = ("fcfs", "vtc", "vtc-predict", "equinox", "equinox-no-latency",
                                  "equinox-no-resource")
 
+    @property
+    def metrics_window_s(self) -> float:
+        """The metrics window on the compressed clock."""
+        return self.window_s / self.time_scale
+
 
 def compressed(workload: Workload, factor: float, name: str | None = None) -> Workload:
     requests = [TraceRequest(r.arrival_s / factor, r.user, r.prompt_tokens, r.output_tokens)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from bench.scenarios import Scenario
-from equinox_ray.fairness import FCFS, VTC, Equinox, EquinoxWeights, MovingAveragePredictor, Policy, User
+from equinox_ray.fairness import Policy, User
+from equinox_ray.serve.config import PolicyConfig
+from equinox_ray.serve.policies import make_policy as serve_policy
 from equinox_ray.sim import ClusterSim, SimResult
 from equinox_ray.workloads.workload import Workload
 
@@ -21,27 +23,21 @@ POLICY_NOTES = {
 }
 
 
-def make_predictor(kind: str):
-    if kind == "moving-average":
-        return MovingAveragePredictor()
-    from equinox_ray.mope.predictor import MoPE
-    from predictors.train import DEFAULT_MODELS
-
-    return MoPE(DEFAULT_MODELS)
+# each label is a policy config the Serve application accepts, built by the same factory the controller uses
+POLICIES = {
+    "fcfs": {"name": "fcfs"},
+    "vtc": {"name": "vtc"},
+    "vtc-predict": {"name": "vtc-predict"},
+    "equinox": {"name": "equinox"},
+    "equinox-no-latency": {"name": "equinox", "weights": {"latency": 0.0}},
+    "equinox-no-resource": {"name": "equinox", "weights": {"resource": 0.0}},
+}
 
 
 def make_policy(label: str, users: list[User], predictor: str = "mope") -> Policy:
-    if label == "fcfs":
-        return FCFS(users)
-    if label == "vtc":
-        return VTC(users)
-    if label == "vtc-predict":
-        return VTC(users, predictor=make_predictor(predictor))
-    weights = {"equinox": EquinoxWeights(), "equinox-no-latency": EquinoxWeights(latency=0.0),
-               "equinox-no-resource": EquinoxWeights(resource=0.0)}
-    if label not in weights:
-        raise ValueError(f"unknown policy {label!r}; known: {', '.join(POLICY_NOTES)}")
-    return Equinox(users, weights=weights[label], predictor=make_predictor(predictor))
+    if label not in POLICIES:
+        raise ValueError(f"unknown policy {label!r}; known: {', '.join(POLICIES)}")
+    return serve_policy(PolicyConfig.model_validate({**POLICIES[label], "predictor": predictor}), users)
 
 
 @dataclass
