@@ -236,13 +236,14 @@ class FairnessController:
 
     def snapshot(self, user: str | None = None) -> dict:
         users = [user] if user is not None else sorted(set(self.policy.users) | set(self.stats))
+        running = self.running_by_user()
         rows = {}
         for name in users:
             s = self.stats[name]
             rows[name] = {
                 "weight": self.policy.users[name].weight if name in self.policy.users else None,
                 "queue_length": self.policy.queue_length(name),
-                "running": sum(1 for r in self.policy.running.values() if r.user == name),
+                "running": running[name],
                 "counters": self.policy.counters(name) if name in self.policy.users else {},
                 "submitted": s.submitted, "finished": s.finished, "rejected": s.rejected, "cancelled": s.cancelled,
                 "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens,
@@ -264,8 +265,14 @@ class FairnessController:
 
     def jain(self) -> float | None:
         """Jain's index of weighted service over the last JAIN_WINDOW_S among users served, waiting or running."""
-        active = set(self.policy.backlogged_users()) | {r.user for r in self.policy.running.values()}
-        return self.service_window.jain(self.now(), active)
+        return self.service_window.jain(self.now(), set(self.policy.backlogged_users()) | set(self.running_by_user()))
+
+    def running_by_user(self) -> defaultdict[str, int]:
+        """Granted and unfinished requests per user (0 for anyone else)."""
+        counts: defaultdict[str, int] = defaultdict(int)
+        for request in self.policy.running.values():
+            counts[request.user] += 1
+        return counts
 
     def predictor_status(self) -> dict:
         predictor = getattr(self.policy, "predictor", None)

@@ -279,14 +279,17 @@ class EquinoxIngress:
             if final is None:
                 response.cancel()  # aborts the engine request on the replica
             u = final.usage if final is not None else None
-            output, ttft, e2e, busy = (u.output_tokens, u.ttft_s, u.e2e_s, u.busy_seconds) if u else (served, 0.0,
-                                                                                                      0.0, 0.0)
-            self.controller.finish(generation.id, user, pool, len(generation.prompt_token_ids), output, ttft, e2e,
-                                   busy, cancelled=final is None or final.finish_reason == "abort")
-            if final is not None and final.finish_reason != "abort":
+            if u is None:
+                output, ttft, e2e, busy = served, 0.0, 0.0, 0.0
+            else:
+                output, ttft, e2e, busy = u.output_tokens, u.ttft_s, u.e2e_s, u.busy_seconds
+            cancelled = final is None or final.finish_reason == "abort"
+            counters = self.controller.finish(generation.id, user, pool, len(generation.prompt_token_ids), output,
+                                              ttft, e2e, busy, cancelled=cancelled)
+            if not cancelled:
                 self.metrics.observe_ttft(user, queue_wait_s + ttft)
             span.finished(output_tokens=output, finish_reason=final.finish_reason if final else None, ttft_s=ttft,
-                          e2e_s=e2e, busy_seconds=busy, counters=self.controller.policy.counters(user))
+                          e2e_s=e2e, busy_seconds=busy, counters=counters)
 
     async def _collect(self, chunks, rid: str, chat: bool) -> dict:
         text, n, finish, prompt = [], 0, None, 0

@@ -50,9 +50,7 @@ class ControllerCollector:
                                     "of a label)", labels=["user", "counter"])
         by_label: dict[str, dict] = defaultdict(lambda: defaultdict(float))
         counters: dict[tuple[str, str], list[float]] = defaultdict(list)
-        running_by_user: dict[str, int] = defaultdict(int)
-        for request in c.policy.running.values():
-            running_by_user[request.user] += 1
+        running_by_user = c.running_by_user()
         for user in sorted(set(c.policy.users) | set(c.stats)):
             label, s = self.labels.label(user), c.stats[user]
             row = by_label[label]

@@ -28,6 +28,17 @@ def tracer_of(provider) -> trace.Tracer:
     return provider.get_tracer("equinox_ray") if provider is not None else trace.NoOpTracer()
 
 
+def _user(user: str, weight: float | None) -> dict:
+    return {"equinox.user": user, **({"equinox.user.weight": float(weight)} if weight is not None else {})}
+
+
+def _usage(output_tokens: int, finish_reason: str | None, ttft_s: float, e2e_s: float, busy_seconds: float) -> dict:
+    """What the engine measured, on the root span (ingress) and the decode span (pool replica) alike."""
+    return {"gen_ai.usage.output_tokens": output_tokens, "gen_ai.response.finish_reasons": [finish_reason or "abort"],
+            "equinox.measured.ttft_s": ttft_s, "equinox.measured.e2e_s": e2e_s,
+            "equinox.measured.busy_seconds": busy_seconds}
+
+
 def _flat(prefix: str, values: dict | None) -> dict:
     return {f"{prefix}.{k}": float(v) for k, v in (values or {}).items() if isinstance(v, (int, float))}
 
@@ -41,15 +52,14 @@ class RequestTrace:
         self.root = tracer.start_span(f"{operation} {model}", kind=SpanKind.SERVER, attributes={
             "gen_ai.operation.name": operation, "gen_ai.provider.name": PROVIDER, "gen_ai.request.model": model,
             "gen_ai.request.max_tokens": max_tokens, "gen_ai.usage.input_tokens": prompt_tokens,
-            "equinox.request_id": request_id, "equinox.user": user, "equinox.policy": policy,
-            **({"equinox.user.weight": float(weight)} if weight is not None else {})})
+            "equinox.request_id": request_id, "equinox.policy": policy, **_user(user, weight)})
         self._context = trace.set_span_in_context(self.root)
         self.queue: trace.Span | None = None
         self.dispatch: trace.Span | None = None
 
     def admission(self, user: str, weight: float | None):
-        return self.tracer.start_as_current_span("equinox.admission", context=self._context, attributes={
-            "equinox.user": user, **({"equinox.user.weight": float(weight)} if weight is not None else {})})
+        return self.tracer.start_as_current_span("equinox.admission", context=self._context,
+                                                 attributes=_user(user, weight))
 
     def queued(self) -> None:
         self.queue = self.tracer.start_span("equinox.queue", context=self._context)
@@ -86,10 +96,8 @@ class RequestTrace:
 
     def finished(self, *, output_tokens: int, finish_reason: str | None, ttft_s: float, e2e_s: float,
                  busy_seconds: float, counters: dict | None) -> None:
-        attributes = {"gen_ai.usage.output_tokens": output_tokens,
-                      "gen_ai.response.finish_reasons": [finish_reason or "abort"],
-                      "equinox.measured.output_tokens": output_tokens, "equinox.measured.ttft_s": ttft_s,
-                      "equinox.measured.e2e_s": e2e_s, "equinox.measured.busy_seconds": busy_seconds,
+        attributes = {**_usage(output_tokens, finish_reason, ttft_s, e2e_s, busy_seconds),
+                      "equinox.measured.output_tokens": output_tokens,
                       **_flat("equinox.counter.after_finish", counters)}
         if self.dispatch is not None:
             self.dispatch.end()
@@ -122,12 +130,9 @@ async def traced_generation(tracer: trace.Tracer, chunks: AsyncIterator, carrier
                 span = tracer.start_span("equinox.decode", context=parent, attributes=attributes)
                 phase = "decode"
             if chunk.usage is not None:
-                span.set_attributes({"gen_ai.usage.output_tokens": chunk.usage.output_tokens,
-                                     "gen_ai.usage.input_tokens": chunk.usage.prompt_tokens,
-                                     "gen_ai.response.finish_reasons": [chunk.finish_reason or "abort"],
-                                     "equinox.measured.ttft_s": chunk.usage.ttft_s,
-                                     "equinox.measured.e2e_s": chunk.usage.e2e_s,
-                                     "equinox.measured.busy_seconds": chunk.usage.busy_seconds})
+                u = chunk.usage
+                span.set_attributes({**_usage(u.output_tokens, chunk.finish_reason, u.ttft_s, u.e2e_s,
+                                              u.busy_seconds), "gen_ai.usage.input_tokens": u.prompt_tokens})
             yield chunk
     except BaseException as exc:
         span.record_exception(exc)

@@ -49,10 +49,7 @@ def make_exporter(config: TelemetryConfig) -> SpanExporter | None:
     if config.exporter == "none":
         return None
     if config.exporter == "jsonl":
-        from equinox_ray.serve.paths import PROJECT_ROOT
-
-        path = Path(config.jsonl_path)
-        return JsonLinesSpanExporter(path if path.is_absolute() else PROJECT_ROOT / path)
+        return JsonLinesSpanExporter(_under_project(config.jsonl_path))
     if config.exporter == "otlp-grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -77,7 +74,12 @@ def make_provider(config: TelemetryConfig, component: str) -> TracerProvider | N
 def serve_span_processors() -> list:
     """For Serve's own spans: `tracing_config.exporter_import_path: equinox_ray.telemetry.tracing:serve_span_processors`
     writes them as JSON lines next to ours (path from $EQUINOX_SERVE_SPANS_PATH, default logs/spans.jsonl)."""
+    path = _under_project(os.environ.get(SERVE_SPANS_ENV, TelemetryConfig().jsonl_path))
+    return [BatchSpanProcessor(JsonLinesSpanExporter(path), schedule_delay_millis=500)]
+
+
+def _under_project(path: str) -> Path:
+    """A relative path is relative to the project root, wherever Ray started the process."""
     from equinox_ray.serve.paths import PROJECT_ROOT
 
-    path = os.environ.get(SERVE_SPANS_ENV, str(PROJECT_ROOT / "logs" / "spans.jsonl"))
-    return [BatchSpanProcessor(JsonLinesSpanExporter(path), schedule_delay_millis=500)]
+    return Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
