@@ -36,7 +36,7 @@ def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
              f"Simulated with `python -m bench suite --scenario {name}{' --smoke' if smoke else ''}`: "
              f"{pools}. Arrival times divided by {scenario.time_scale:.2f}; client max_tokens "
              f"{scenario.max_tokens_cap or 'the true length (VTC artifact)'}; windows of "
-             f"{scenario.window_s / scenario.time_scale:.1f} s. Predictor: {predictor}.", "",
+             f"{scenario.metrics_window_s:.1f} s. Predictor: {predictor}.", "",
              "Policies: " + "; ".join(f"`{p}` {POLICY_NOTES[p]}" for p in scenario.policies) + ".", "",
              "TTFT and end-to-end latency count from arrival. Light users: the quarter of users with the least "
              "weighted demand. Counter gap: the largest difference of the policy's key between backlogged users, "
@@ -48,6 +48,7 @@ def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
         lines += [f"## {workload} ({n:,} requests)", "", rows_table(numbers[workload]), ""]
         lines.append("Wall time per run: " + ", ".join(
             f"{r.label} {r.result.wall_s:.1f} s ({n / r.result.wall_s:,.0f} simulated requests/s)" for r in wruns))
+        lines.append(f"Requests cut to fit the model context or the client's max_tokens: {wruns[0].result.truncated:,}.")
         lines.append("")
         if name != "vtc-suites" or workload in PLOTTED_SUITES:
             for path in plot_all(wruns, out, f"{name}-{workload}" if name == "vtc-suites" else name):

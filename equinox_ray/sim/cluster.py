@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from equinox_ray.fairness.metrics import CompletionRecord
+from equinox_ray.fairness.fcfs import FCFS
 from equinox_ray.fairness.policy import Policy
 from equinox_ray.fairness.pools import PoolView
 from equinox_ray.fairness.prediction import Outcome
@@ -43,9 +44,7 @@ class SimResult:
     busy_seconds: dict[str, float]  # per replica
     makespan_s: float  # first arrival to last finish
     max_counter_gap: float | None  # largest (max - min) of the policy's key among backlogged users; None for FCFS
-    counter_samples: list[tuple[float, dict[str, float]]]  # (time, key per backlogged user) at each gap sample
     largest_charge: float  # the largest single admission charge seen, for the bound
-    decisions: int
     truncated: int  # requests whose prompt or output was cut to fit the model context
     wall_s: float = 0.0
 
@@ -74,6 +73,7 @@ class ClusterSim:
         self._replicas = {p.name: [SimReplica(f"{p.name}-{i}", p, self.stats_window_s) for i in range(p.replicas)]
                           for p in self.pools}
         self._nominal = {p.name: _nominal_speeds(self._replicas[p.name][0]) for p in self.pools}
+        self._counted = not isinstance(self.policy, FCFS)  # FCFS orders by arrival: it has no counters
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, workload: Workload, progress: Callable[[int], None] | None = None) -> SimResult:
@@ -91,9 +91,7 @@ class ClusterSim:
         self._records: list[CompletionRecord] = []
         self._events: list[tuple[float, int, SimReplica]] = []  # step ends
         self._seq = 0
-        self._decisions = 0
         self._gap: float | None = None
-        self._samples: list[tuple[float, dict[str, float]]] = []
         self._next_sample = 0.0
         self._largest_charge = 0.0
         nxt = 0
@@ -117,8 +115,8 @@ class ClusterSim:
         return SimResult(
             workload=workload.name, policy=self.policy.name, records=self._records, pools=list(self.pools),
             busy_seconds={r.name: r.busy_seconds for rs in self._replicas.values() for r in rs},
-            makespan_s=last - first, max_counter_gap=self._gap, counter_samples=self._samples,
-            largest_charge=self._largest_charge, decisions=self._decisions, truncated=truncated,
+            makespan_s=last - first, max_counter_gap=self._gap,
+            largest_charge=self._largest_charge, truncated=truncated,
             wall_s=time.perf_counter() - started)
 
     def _scheduler_view(self, workload: Workload) -> tuple[list[Request], list[int], int]:
@@ -143,10 +141,9 @@ class ClusterSim:
             grant = self.policy.schedule([self._view(p) for p in self.pools], now)
             if grant is None:
                 break
-            self._decisions += 1
             request = grant.request
-            charge = sum(grant.counters_after.values()) - sum(grant.counters_before.values())
-            self._largest_charge = max(self._largest_charge, abs(charge))
+            if self._counted:  # the admission charge: how far the grant moved the user's key
+                self._largest_charge = max(self._largest_charge, self.policy.key(request.user) - grant.score)
             replica = self._pick_replica(grant.pool, request)
             output = self._truth.pop(request.id)
             replica.add(request.id, request.prompt_tokens, output)
@@ -217,15 +214,14 @@ class ClusterSim:
                                               replica.spec.name))
 
     def _sample_counters(self, now: float) -> None:
-        if now < self._next_sample or self.policy.name == "fcfs":
+        if now < self._next_sample or not self._counted:
             return
         self._next_sample = now + self.gap_sample_s
         users = self.policy.backlogged_users()
         if len(users) < 2:
             return
-        keys = {u: self.policy.key(u) for u in users}
-        self._samples.append((now, keys))
-        gap = max(keys.values()) - min(keys.values())
+        keys = [self.policy.key(u) for u in users]
+        gap = max(keys) - min(keys)
         self._gap = gap if self._gap is None else max(self._gap, gap)
 
 
