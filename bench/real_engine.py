@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 from bench.report import record_metrics, rows_table
 from equinox_ray.fairness.metrics import CompletionRecord
@@ -74,41 +72,26 @@ def run_one(base: str, workload: Workload, keys: dict[str, str], scale: float, r
 
 
 def main(names: list[str], out: Path) -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    from ray import serve
-
-    from equinox_ray.serve.app import build
-    from equinox_ray.serve.config import AppConfig
-    from equinox_ray.serve.paths import PROJECT_ROOT
+    from equinox_ray.serve.local import BASE_URL, default_app
 
     workloads = {name: (WORKLOADS[name][0](), *WORKLOADS[name][1:]) for name in names}
     users = {u: w.users[u] for w, _, _ in workloads.values() for u in w.users}
-    keys = {user: f"sk-bench-{i:04d}-key" for i, user in enumerate(sorted(users))}
     records_path = Path(tempfile.mkdtemp()) / "records.jsonl"
-    config = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
-    config["users"] = [{"name": u, "api_key": keys[u], "weight": users[u].weight} for u in sorted(users)]
-    config["records_path"] = str(records_path)
-    config["limits"]["max_queue_per_user"] = 4096
     out.mkdir(parents=True, exist_ok=True)
     sections = []
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.run(build(AppConfig.model_validate(config)), name="equinox", route_prefix="/")
+    with default_app(users, records_path, "sk-bench") as keys:
         for name, (workload, scale, window_s) in workloads.items():
             rows, served = {}, {}
             for policy in POLICIES:
-                lines, ok = run_one("http://127.0.0.1:8000", workload, keys, scale, records_path, policy)
+                lines, ok = run_one(BASE_URL, workload, keys, scale, records_path, policy)
                 records, busy = completion_records(lines)
-                rows[policy] = {**record_metrics(records, workload, window_s, min_wait_s=MIN_WAIT_S), "utilization": busy}
+                rows[policy] = {**record_metrics(records, workload, window_s, min_wait_s=MIN_WAIT_S),
+                                "utilization": busy}
                 served[policy] = f"{ok}/{len(workload.requests)} answered 200, {len(records)} records"
                 print(f"{name} {policy}: {served[policy]}", flush=True)
             sections += [f"## {name}: {len(workload.requests)} requests, arrivals compressed {scale:g}x, "
                          f"{window_s:g} s windows", "", rows_table(rows), "",
                          "Served: " + "; ".join(f"{p} {s}" for p, s in served.items()) + ".", ""]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     text = "\n".join(["# Scenarios 1 and 2 on the real engine (Ray Serve + vLLM CPU, tiny model), measured", "",
                       __doc__.split("\n\n")[1].replace("\n", " "), "",
                       "Run with `python -m bench real`. GPU busy is the engine's own measured busy fraction "

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from pathlib import Path
-
-import yaml
 
 
 def main() -> None:
@@ -21,34 +18,18 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=4.0, help="arrivals come this many times sooner")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    import ray
-    from ray import serve
-
-    from equinox_ray.serve.app import build
-    from equinox_ray.serve.config import AppConfig
-    from equinox_ray.serve.paths import PROJECT_ROOT
+    from equinox_ray.serve.local import BASE_URL, default_app
     from equinox_ray.workloads import synthetic, traces
     from equinox_ray.workloads.http_replay import replay_over_http
 
     workload = traces.lmsys_arena() if args.trace == "lmsys" else synthetic.zipf_users(
         traces.sharegpt_lengths(), n_users=20, n_requests=args.requests, rate=2.0, seed=0, name="sharegpt")
-    keys = {user: f"sk-replay-{i:04d}-key" for i, user in enumerate(workload.users)}
-    config = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
-    config["users"] = [{"name": u, "api_key": keys[u], "weight": workload.users[u].weight} for u in workload.users]
-    config["records_path"] = str(args.out.resolve())
-    config["limits"]["max_queue_per_user"] = 4096
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.unlink(missing_ok=True)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.run(build(AppConfig.model_validate(config)), name="equinox", route_prefix="/")
-        results = asyncio.run(replay_over_http("http://127.0.0.1:8000", workload, keys, "tiny-llama",
-                                               time_scale=args.time_scale, limit=args.requests))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with default_app(workload.users, args.out, "sk-replay") as keys:
+        results = asyncio.run(replay_over_http(BASE_URL, workload, keys, "tiny-llama", time_scale=args.time_scale,
+                                               limit=args.requests))
     ok = sum(1 for r in results if r.status == 200)
     lines = sum(1 for _ in args.out.open()) if args.out.exists() else 0
     print(f"{ok}/{len(results)} requests served; {lines} records written to {args.out}")

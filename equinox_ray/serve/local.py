@@ -1,0 +1,40 @@
+"""The default application (deploy/equinox.yaml: vLLM on the CPU, tiny model) on a local Ray, for trace replay: one
+API key per trace user, completion records written to a file, queues long enough for a whole trace."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import yaml
+
+from equinox_ray.fairness.request import User
+from equinox_ray.serve.paths import PROJECT_ROOT
+
+BASE_URL = "http://127.0.0.1:8000"
+
+
+@contextmanager
+def default_app(users: Mapping[str, User], records_path: Path, key_prefix: str) -> Iterator[dict[str, str]]:
+    """Serve the default app for these users while the block runs; yields each user's API key."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from equinox_ray.serve.app import build
+    from equinox_ray.serve.config import AppConfig
+
+    keys = {user: f"{key_prefix}-{i:04d}-key" for i, user in enumerate(sorted(users))}
+    config = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
+    config["users"] = [{"name": u, "api_key": keys[u], "weight": users[u].weight} for u in sorted(users)]
+    config["records_path"] = str(Path(records_path).resolve())
+    config["limits"]["max_queue_per_user"] = 4096
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.run(build(AppConfig.model_validate(config)), name="equinox", route_prefix="/")
+        yield keys
+    finally:
+        serve.shutdown()
+        ray.shutdown()
