@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_DIR := models/tiny-llama
 export RAY_AUTH_MODE ?= disabled
+# The serving path (README): Serve's HAProxy in front of the ingress replicas instead of its Python proxy, and gRPC
+# between deployments. Ray's processes read these when Ray starts. equinox_ray/serve/app.py warns without them.
+FAST_PATH := RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_USE_GRPC_BY_DEFAULT=1
 
 .PHONY: install model test serve bench clean
 
@@ -30,7 +33,7 @@ test: install model
 
 serve: install model
 	@test -f deploy/equinox.yaml || { echo "deploy/equinox.yaml is not there yet: the Serve application is still to come (see docs/design.md)"; exit 2; }
-	$(VENV)/bin/serve run deploy/equinox.yaml
+	$(FAST_PATH) $(VENV)/bin/serve run deploy/equinox.yaml
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR)

@@ -214,24 +214,26 @@ def test_a_request_is_one_trace_across_the_ingress_and_the_pool_replica(app):
             names = {s["name"]: s for s in spans}
             root = names.get("text_completion tiny-llama")
             if root and root["attributes"].get("equinox.request_id") == done.id and {
-                    "equinox.prefill", "equinox.decode"} <= set(names):
+                    "equinox.prefill", "equinox.decode", "equinox.accounting"} <= set(names):
                 return names
         return None
 
     spans = wait_until(carols_trace, timeout=20)
-    root, dispatch = spans["text_completion tiny-llama"], spans["equinox.dispatch"]
+    root = spans["text_completion tiny-llama"]
     for name in ("equinox.admission", "equinox.queue", "equinox.dispatch"):
         assert spans[name]["parent_id"] == root["context"]["span_id"]
-    for name in ("equinox.prefill", "equinox.decode"):  # carried across the Serve call by the trace context
-        assert spans[name]["parent_id"] == dispatch["context"]["span_id"]
-        assert spans[name]["resource"]["attributes"]["equinox.component"] == "pool-cpu"
+    components = {"equinox.prefill": "pool-cpu", "equinox.decode": "pool-cpu", "equinox.accounting": "controller"}
+    for name, component in components.items():  # carried across processes by the trace context
+        assert spans[name]["parent_id"] == root["context"]["span_id"]
+        assert spans[name]["resource"]["attributes"]["equinox.component"] == component
     assert root["resource"]["attributes"]["equinox.component"] == "ingress"
     a = root["attributes"]
     assert a["equinox.user"] == "carol" and a["gen_ai.request.model"] == MODEL
     assert a["gen_ai.usage.output_tokens"] == 6
     assert a["gen_ai.response.finish_reasons"] == ["length"] and a["equinox.user.weight"] == 2.0
     assert a["equinox.pool"] == "cpu" and a["equinox.gpu_type"] == "CPU" and "equinox.score" in a
-    assert "equinox.counter.before.holistic" in a and "equinox.counter.after_finish.holistic" in a
+    assert "equinox.counter.before.holistic" in a
+    assert "equinox.counter.after_finish.holistic" in spans["equinox.accounting"]["attributes"]
     assert spans["equinox.decode"]["attributes"]["gen_ai.usage.output_tokens"] == 6
 
 

@@ -109,13 +109,16 @@ def test_serve_validates_the_yaml_args_against_the_config_model():
         call_user_app_builder_with_args_if_necessary(build, bad)
 
 
-def test_every_ingress_method_that_touches_the_controller_runs_on_the_event_loop():
+def test_every_controller_method_runs_on_its_event_loop():
     """Serve runs plain methods in a thread pool; a threaded `report` raced the event loop's dispatch and corrupted
     the queues under load (found replaying 400 LMSYS requests). The controller is single-threaded state."""
     import inspect
 
-    from equinox_ray.serve.ingress import EquinoxIngress
+    from equinox_ray.serve.controller_deployment import ControllerDeployment
 
-    cls = EquinoxIngress.func_or_class
-    for name in ("report", "completions", "chat_completions", "fairness", "set_policy"):
-        assert inspect.iscoroutinefunction(getattr(cls, name)), name
+    cls = ControllerDeployment.func_or_class
+    methods = [name for name, f in vars(cls).items() if inspect.isfunction(f) and not name.startswith("_")]
+    assert {"update", "grants", "work", "report", "snapshot", "set_policy"} <= set(methods)
+    for name in methods:
+        f = getattr(cls, name)
+        assert inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f), name

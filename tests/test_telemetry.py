@@ -19,10 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from equinox_ray.engines.admission import AdmissionWindow
 from equinox_ray.engines.replica import Replica
 from equinox_ray.engines.sim_engine import SimEngine, SimEngineConfig
-from equinox_ray.engines.types import GenerationRequest
+from equinox_ray.engines.replica import ReplicaReport
+from equinox_ray.engines.types import EngineStats, GenerationRequest, Usage
 from equinox_ray.fairness.live import PredictionError, SlidingService
 from equinox_ray.fairness.prediction import Outcome, Prediction
+from equinox_ray.serve.config import AppConfig
 from equinox_ray.serve.controller import FairnessController
+from equinox_ray.serve.protocol import Finished, IngressBatch, ReplicaHello, Submission
 from equinox_ray.telemetry.config import TelemetryConfig
 from equinox_ray.telemetry.metrics import FairnessMetrics
 from equinox_ray.telemetry.spans import RequestTrace, traced_generation, tracer_of
@@ -31,47 +34,48 @@ from equinox_ray.telemetry.tracing import make_provider
 GEN_AI = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.request.max_tokens",
           "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.response.finish_reasons")
 EQUINOX = ("equinox.user", "equinox.user.weight", "equinox.policy", "equinox.counter.before.ufc",
-           "equinox.counter.before.rfc", "equinox.counter.after_admission.ufc", "equinox.counter.after_finish.rfc",
+           "equinox.counter.before.rfc", "equinox.counter.after_admission.ufc",
            "equinox.score", "equinox.predicted.output_tokens", "equinox.predicted.e2e_s",
            "equinox.measured.output_tokens", "equinox.measured.e2e_s", "equinox.pool", "equinox.gpu_type",
            "equinox.queue_wait_s")
 
 
-def controller_config(users=("alice",), **telemetry) -> dict:
-    return {
+def controller_config(users=("alice",), **telemetry) -> AppConfig:
+    return AppConfig.model_validate({
         "model": {"name": "llama-sim", "tokenizer": None},
         "users": [{"name": u, "api_key": f"sk-{u}-key-0000", "weight": 2.0 if u == "alice" else 1.0} for u in users],
         "policy": {"name": "equinox", "predictor": "moving-average"},
         "pools": [{"name": "h100", "gpu_type": "H100", "engine": "sim", "sim": {"gpu": "H100", "time_scale": 20.0},
                    "admission": {"max_window": 4, "initial_window": 4}}],
-        "telemetry": telemetry,
-    }
+        "telemetry": telemetry or {"exporter": "none"},
+    })
 
 
 async def one_traced_request(tracer, controller: FairnessController, replica: Replica, rid: str = "cmpl-1") -> None:
-    """A request along the path the ingress and the pool replica take, each step with its spans."""
+    """A request along the path the ingress, the controller and the pool replica take, each with its spans."""
     span = RequestTrace(tracer, request_id=rid, operation="text_completion", model="llama-sim", user="alice",
                         weight=2.0, policy=controller.policy.name, prompt_tokens=40, max_tokens=12)
     with span.admission("alice", 2.0):
         pass
-    span.queued()
-    grant = await controller.submit(rid, "alice", 40, 12)
-    carrier = span.granted(grant, "H100")
     request = GenerationRequest(rid, 12, prompt_token_ids=list(range(3, 43)), ignore_eos=True,
-                                trace_context=carrier)
+                                trace_context=span.queued())
+    controller.apply(IngressBatch("ingress", submissions=[Submission("alice", request)]))
+    grant = controller.to_ingress.take("ingress")[0]
+    span.granted(grant, "H100")
+    dispatch = controller.to_replica.take(grant.replica)[0]
     final = None
-    async for chunk in traced_generation(tracer, replica.generate(request), request.trace_context,
-                                         {"equinox.pool": "h100"}):
-        final = chunk if chunk.usage is not None else final
-    u = final.usage
-    counters = controller.finish(rid, "alice", grant["pool"], 40, u.output_tokens, u.ttft_s, u.e2e_s, u.busy_seconds)
-    span.finished(output_tokens=u.output_tokens, finish_reason=final.finish_reason, ttft_s=u.ttft_s, e2e_s=u.e2e_s,
-                  busy_seconds=u.busy_seconds, counters=counters)
+    async for chunk in traced_generation(tracer, replica.generate(dispatch.generation),
+                                         dispatch.generation.trace_context, {"equinox.pool": "h100"}):
+        final = chunk if chunk.last else final
+    controller.apply(IngressBatch("ingress", finished=[Finished(rid, final.usage, 12, cancelled=False)]))
+    span.finished(final)
 
 
 def run_request(tracer) -> None:
     async def main():
-        controller = FairnessController(controller_config())
+        controller = FairnessController(controller_config(), tracer=tracer)
+        controller.replica_connected(ReplicaHello("h100", "replica-0", 4))
+        controller.set_routable("h100", {"replica-0"})
         replica = Replica(SimEngine(SimEngineConfig(gpu="H100", time_scale=20.0)), AdmissionWindow(maximum=4))
         await replica.start()
         try:
@@ -89,17 +93,19 @@ def test_in_memory_exporter_sees_the_whole_span_tree_with_its_attributes():
     run_request(provider.get_tracer("test"))
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert set(spans) == {"text_completion llama-sim", "equinox.admission", "equinox.queue", "equinox.dispatch",
-                          "equinox.prefill", "equinox.decode"}
+                          "equinox.prefill", "equinox.decode", "equinox.accounting"}
     root = spans["text_completion llama-sim"]
     assert len({s.context.trace_id for s in spans.values()}) == 1
     parent = {name: s.parent.span_id if s.parent else None for name, s in spans.items()}
     assert parent["text_completion llama-sim"] is None
     for child in ("equinox.admission", "equinox.queue", "equinox.dispatch"):
         assert parent[child] == root.context.span_id
-    for child in ("equinox.prefill", "equinox.decode"):  # continued from the carrier, as in the pool replica
-        assert parent[child] == spans["equinox.dispatch"].context.span_id
+    for child in ("equinox.prefill", "equinox.decode", "equinox.accounting"):  # continued from the carrier
+        assert parent[child] == root.context.span_id
     for name in GEN_AI + EQUINOX:
         assert name in root.attributes, name
+    accounting = spans["equinox.accounting"].attributes
+    assert accounting["equinox.measured.output_tokens"] == 12 and "equinox.counter.after_finish.rfc" in accounting
     assert root.attributes["gen_ai.usage.output_tokens"] == 12
     assert root.attributes["gen_ai.response.finish_reasons"] == ("length",)
     assert root.attributes["equinox.user"] == "alice" and root.attributes["equinox.policy"] == "equinox"
@@ -195,19 +201,21 @@ def test_otlp_http_round_trip_to_a_loopback_receiver():
 
 
 def test_prometheus_metrics_bound_user_labels_and_report_what_was_served():
-    async def main():
-        users = [f"u{i:02d}" for i in range(8)]
-        controller = FairnessController(controller_config(users=users))
-        metrics = FairnessMetrics(controller, max_user_labels=3)
-        for i, user in enumerate(users[:4]):
-            await controller.submit(f"r{i}", user, 10, 5)
-        for i, user in enumerate(users[:4]):
-            controller.finish(f"r{i}", user, "h100", 10, 5, 0.1, 0.4, 0.2)
-            metrics.observe_ttft(user, 0.3)
-        controller.report("h100", "replica-0", 4, 4, 1234.0, 0.5, 0.1)
-        return metrics.render()
-
-    body, content_type = asyncio.run(main())
+    users = [f"u{i:02d}" for i in range(8)]
+    controller = FairnessController(controller_config(users=users))
+    controller.replica_connected(ReplicaHello("h100", "replica-0", 4))
+    controller.set_routable("h100", {"replica-0"})
+    metrics = FairnessMetrics(controller, max_user_labels=3)
+    controller.ttft_observers.append(metrics.observe_ttft)
+    for i, user in enumerate(users[:4]):
+        request = GenerationRequest(f"r{i}", 5, prompt_token_ids=[1] * 10)
+        controller.apply(IngressBatch("ingress", submissions=[Submission(user, request)]))
+    for i, user in enumerate(users[:4]):
+        controller.apply(IngressBatch("ingress", finished=[Finished(f"r{i}", Usage(10, 5, 0.1, 0.4, 0.2), 5, False)]))
+    stats = EngineStats(running=0, waiting=0, kv_cache_usage=0.1, tokens_per_s=1234.0, output_tokens_per_s=600.0,
+                        busy_fraction=0.5, utilization=0.5, utilization_source="simulated")
+    controller.report(ReplicaReport("replica-0", "h100", stats, 4, 0, 0, 4, None, 4))
+    body, content_type = metrics.render()
     assert content_type.startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     served = {(s.labels["user"], s.labels["kind"]): s.value for s in families["equinox_user_served_tokens"].samples

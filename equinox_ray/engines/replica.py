@@ -41,6 +41,7 @@ class Replica:
         self.in_flight = 0
         self.local_queue = 0
         self.finished = 0
+        self._in_engine: set[str] = set()
         self._slot_freed = asyncio.Condition()
 
     async def start(self) -> None:
@@ -54,6 +55,7 @@ class Replica:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         await self._acquire()
+        self._in_engine.add(request.id)
         try:
             async for chunk in self.engine.generate(request):
                 if chunk.usage is not None:
@@ -62,7 +64,16 @@ class Replica:
                         self.window.observe(chunk.usage.output_tokens, chunk.usage.ttft_s, chunk.usage.e2e_s)
                 yield chunk
         finally:
+            self._in_engine.discard(request.id)
             await self._release()
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request in the engine, whose stream then ends with an "abort" chunk and its usage. False if it
+        is not in the engine (still waiting for a slot here, or already done)."""
+        if request_id not in self._in_engine:
+            return False
+        await self.engine.abort(request_id)
+        return True
 
     def report(self) -> ReplicaReport:
         return ReplicaReport(self.name, self.pool, self.engine.stats(), self.window.size, self.in_flight,

@@ -22,6 +22,7 @@ class GenerationRequest:
     prompt: str | None = None  # text, tokenized by the engine when no ids are given
     ignore_eos: bool = False  # trace replay: produce exactly max_tokens
     temperature: float = 0.0
+    seed: int | None = None  # the client's seed, never one it did not send
     priority: int = 0  # lower first, as vLLM's priority scheduling
     prompt_len_hint: int | None = None  # prompt length in tokens when only text is given and ids are unknown
     trace_context: dict[str, str] | None = None  # W3C trace context of the caller's span (telemetry)
@@ -38,13 +39,27 @@ class Usage:
     busy_seconds: float  # the request's share of engine busy time
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TokenChunk:
     request_id: str
     token_ids: list[int]
     text: str = ""
-    finish_reason: str | None = None  # "length", "stop", "abort" on the last chunk
+    finish_reason: str | None = None  # "length", "stop", "abort", "error" on the last chunk
     usage: Usage | None = None  # on the last chunk
+    error: str | None = None  # what failed, with finish_reason "error"
+
+    @property
+    def last(self) -> bool:
+        return self.finish_reason is not None
+
+
+def merge_chunks(chunks: list[TokenChunk]) -> TokenChunk:
+    """Consecutive chunks of one request as one: tokens and text in order, the finish of the last."""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    return TokenChunk(last.request_id, [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks),
+                      last.finish_reason, last.usage, last.error)
 
 
 UtilizationSource = Literal["nvml", "busy-fraction", "simulated"]

@@ -1,16 +1,36 @@
 """The application builder: `serve run deploy/equinox.yaml` calls `build` with the YAML `args`, validated as an
-`AppConfig`. One deployment per pool (its accelerator type and autoscaling), and the ingress, which hosts the
-fairness controller in its own replica.
+`AppConfig`. Three kinds of deployment: the ingress (HTTP; any number of replicas), the fairness controller (one
+replica), and one pool deployment per GPU type (its accelerator, autoscaling and replica-addressing router).
 
 No `from __future__ import annotations` here: Serve validates the YAML `args` only when `build`'s annotation is
 the pydantic class itself, not a string."""
 
 
-from ray.serve import Application
+import logging
+import os
 
-from equinox_ray.serve.config import AppConfig, PoolConfig
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from equinox_ray.serve.config import AppConfig, IngressConfig, PoolConfig
+from equinox_ray.serve.controller_deployment import ControllerDeployment
 from equinox_ray.serve.ingress import EquinoxIngress
 from equinox_ray.serve.pool import PoolReplica
+
+log = logging.getLogger("ray.serve")
+FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+
+
+def autoscaling_options(a, policy_function: str | None = None) -> dict:
+    options = {
+        "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+        "initial_replicas": a.initial_replicas if a.initial_replicas is not None else max(a.min_replicas, 1),
+        "target_ongoing_requests": a.target_requests_per_replica, "upscale_delay_s": a.upscale_delay_s,
+        "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s,
+    }
+    if policy_function is not None:
+        options["policy"] = {"policy_function": policy_function}
+    return options
 
 
 def pool_options(pool: PoolConfig) -> dict:
@@ -23,21 +43,30 @@ def pool_options(pool: PoolConfig) -> dict:
         # vLLM on CPU sizes its KV cache from this variable unless told otherwise
         gib = max(1, pool.vllm.kv_cache_memory_bytes // 1024**3)
         actor_options["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(gib)}}
-    a = pool.autoscaling
-    autoscaling = {
-        "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-        "initial_replicas": a.initial_replicas if a.initial_replicas is not None else max(a.min_replicas, 1),
-        "target_ongoing_requests": a.target_requests_per_replica, "upscale_delay_s": a.upscale_delay_s,
-        "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s,
-        "policy": {"policy_function": "equinox_ray.serve.autoscaling:backlog_policy"},
-    }
-    return {"name": pool.deployment_name, "ray_actor_options": actor_options, "autoscaling_config": autoscaling}
+    return {"name": pool.deployment_name, "ray_actor_options": actor_options,
+            "autoscaling_config": autoscaling_options(pool.autoscaling, "equinox_ray.serve.autoscaling:backlog_policy"),
+            "request_router_config": RequestRouterConfig(
+                request_router_class="equinox_ray.serve.routing:ReplicaRouter")}
+
+
+def ingress_options(ingress: IngressConfig) -> dict:
+    options: dict = {"max_ongoing_requests": ingress.max_ongoing_requests,
+                     "ray_actor_options": {"num_cpus": ingress.num_cpus}}
+    if ingress.autoscaling is not None:
+        options["autoscaling_config"] = autoscaling_options(ingress.autoscaling)
+    else:
+        options["num_replicas"] = ingress.num_replicas
+    return options
 
 
 def build(config: AppConfig) -> Application:
-    raw = config.model_dump(mode="json")
-    telemetry = config.telemetry.model_dump(mode="json")
-    pools = {p.name: PoolReplica.options(**pool_options(p)).bind(p.model_dump(mode="json"), config.report_interval_s,
-                                                                 telemetry)
+    missing = [name for name, value in FAST_PATH_ENV.items() if os.environ.get(name) != value]
+    if missing:
+        log.warning("%s not set when Ray started: Serve's Python proxy and Ray's object transport carry every "
+                    "request, several times slower than HAProxy and gRPC (README, 'The serving path')",
+                    ", ".join(f"{name}={FAST_PATH_ENV[name]}" for name in missing))
+    controller = ControllerDeployment.bind(config)
+    pools = {p.name: PoolReplica.options(**pool_options(p)).bind(p, controller, config.report_interval_s,
+                                                                 config.telemetry)
              for p in config.pools}
-    return EquinoxIngress.options(ray_actor_options={"num_cpus": 0}).bind(raw, pools)
+    return EquinoxIngress.options(**ingress_options(config.ingress)).bind(config, controller, pools)

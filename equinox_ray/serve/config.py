@@ -83,6 +83,9 @@ class PoolConfig(Strict):
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on CPU machines and for sim pools)")
     num_cpus: float = Field(1, ge=0)
     cost_weight: float = Field(1.0, gt=0, description="relative price of a busy-second on this pool")
+    stream_interval_ms: float = Field(
+        20.0, ge=0, description="a replica sends each ingress replica the tokens of all its requests once per "
+                                "interval (a request's first token and last chunk at once); 0: every engine step")
     admission: AdmissionConfig = AdmissionConfig()
     autoscaling: AutoscalingConfig = AutoscalingConfig()
 
@@ -102,6 +105,18 @@ class LimitsConfig(Strict):
     max_tokens_cap: int | None = Field(None, ge=1, description="largest max_tokens a client may ask for")
 
 
+class IngressConfig(Strict):
+    """The HTTP front: replicas that authenticate, tokenize and stream, each talking to the one controller."""
+
+    num_replicas: int = Field(1, ge=1, description="ingress replicas when autoscaling is not set")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Serve's autoscaling on ongoing requests; "
+                                                                     "target_requests_per_replica is their target")
+    max_ongoing_requests: int = Field(4096, ge=1)
+    num_cpus: float = Field(0, ge=0)
+    batch_interval_ms: float = Field(
+        5.0, ge=0, description="least time between two batched updates to the controller (the first goes at once)")
+
+
 class ModelConfig(Strict):
     name: str = Field("tiny-llama", description="the model name clients send")
     tokenizer: str | None = Field("models/tiny-llama", description="tokenizer directory; None counts words")
@@ -109,6 +124,7 @@ class ModelConfig(Strict):
 
 class AppConfig(Strict):
     model: ModelConfig = ModelConfig()
+    ingress: IngressConfig = IngressConfig()
     pools: list[PoolConfig] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
     users: list[UserConfig] = Field(default_factory=list)

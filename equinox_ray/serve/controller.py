@@ -1,71 +1,98 @@
-"""The global fairness controller: per-user queues, the policy and its counters, and the pools' capacity.
+"""The global fairness controller's state and decisions: per-user queues, the policy and its counters, and the pools'
+replicas. Plain Python, no Ray and no asyncio: the controller deployment (`controller_deployment.py`) feeds it
+messages and carries its outgoing mail, and tests drive it directly.
 
-One instance serves the whole application, inside the ingress replica (see docs/design.md for why it is not a
-separate actor), and is driven only from that replica's event loop. The ingress `submit`s each request and awaits
-its grant, which names the pool; tokens then stream from the pool straight to the client. The ingress reports
-progress and the finish; each replica reports its state every `report_interval_s`. Every event runs the dispatch
-loop: while the policy grants and a pool has a free slot, hand out grants.
+One policy object sees every request of every ingress replica. A request enters with `apply(IngressBatch)`, waits
+in its user's queue, and is granted a replica of a pool by `_dispatch`, which runs after every event: while the
+policy grants and a replica has a free slot, hand out grants. A grant puts a `Grant` in the ingress's mailbox and a
+`Dispatch` in the replica's. The ingress reports progress and the measured `Usage` when the request ends.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
-from equinox_ray.fairness import InvalidRequest, Outcome, PoolView, Prediction, Request, User
+from equinox_ray.engines.replica import ReplicaReport
+from equinox_ray.fairness import Outcome, PoolView, Prediction, Request, User
 from equinox_ray.fairness.live import PredictionError, SlidingService
 from equinox_ray.fairness.metrics import percentiles
 from equinox_ray.fairness.pools import fitting_pools
 from equinox_ray.serve.config import AppConfig, PolicyConfig, PoolConfig
-from equinox_ray.serve.errors import Busy, Cancelled, QueueFull
+from equinox_ray.serve.errors import Busy
 from equinox_ray.serve.policies import make_policy
-
+from equinox_ray.serve.protocol import (
+    Abort, Dispatch, Drain, Finished, Grant, IngressBatch, Refusal, ReplicaHello, ReportAnswer, Submission,
+)
+from equinox_ray.telemetry.spans import accounting_span, tracer_of
+from equinox_ray.telemetry.tracing import make_provider
 
 JAIN_WINDOW_S = 60.0
 
 
 @dataclass
+class Tracked:
+    """The controller's one record of a request, from submission to finish."""
+
+    request: Request
+    dispatch: Dispatch
+    granted_at: float | None = None
+    replica: str | None = None
+    prediction: Prediction | None = None
+    pool_at_grant: dict | None = None  # the pool's state at the grant, for completion records
+
+
+@dataclass
 class ReplicaState:
+    pool: str
     window: int
-    free_slots: int
-    tokens_per_s: float
-    utilization: float
-    kv_cache_usage: float
-    tpot_s: float | None
     seen: float
-    detail: dict = field(default_factory=dict)  # in flight, local queue, engine running and waiting
+    running: int = 0  # granted here and not finished, as the controller counts it
+    routable: bool = False  # Serve routes to it: it has started and is not being stopped
+    report: ReplicaReport | None = None
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.window - self.running) if self.routable else 0
 
 
 @dataclass
 class PoolState:
     config: PoolConfig
     replicas: dict[str, ReplicaState] = field(default_factory=dict)
-    running: int = 0
+    routable: set[str] = field(default_factory=set)  # as Serve last said, connected or not
     granted: int = 0
 
+    @property
+    def running(self) -> int:
+        return sum(r.running for r in self.replicas.values())
+
     def capacity(self) -> int:
-        if not self.replicas:  # no report yet: assume the starting replicas at their initial window
-            n = self.config.autoscaling.initial_replicas or max(self.config.autoscaling.min_replicas, 1)
-            return n * min(self.config.admission.initial_window, self.config.admission.max_window)
         return sum(r.window for r in self.replicas.values())
 
     def view(self) -> PoolView:
         """Per-replica measured speeds (nominal until the first reports), the pool's free slots and context."""
-        replicas = list(self.replicas.values())
-        n = max(len(replicas), 1)
-        throughput = sum(r.tokens_per_s for r in replicas) / n or 1000.0
-        utilization = sum(r.utilization for r in replicas) / n if replicas else 1.0
-        tpots = [r.tpot_s for r in replicas if r.tpot_s]
+        reports = [r.report for r in self.replicas.values() if r.report is not None]
+        n = max(len(reports), 1)
+        throughput = sum(r.stats.tokens_per_s for r in reports) / n or 1000.0
+        utilization = sum(r.stats.utilization for r in reports) / n if reports else 1.0
+        tpots = [r.tpot_s for r in reports if r.tpot_s]
         c = self.config
-        return PoolView(name=c.name, gpu_type=c.gpu_type, free_slots=max(0, self.capacity() - self.running),
-                        running=self.running, throughput_tps=throughput, utilization=max(utilization, 0.05),
+        return PoolView(name=c.name, gpu_type=c.gpu_type,
+                        free_slots=sum(r.free_slots for r in self.replicas.values()), running=self.running,
+                        waiting=sum(r.stats.waiting for r in reports), throughput_tps=throughput,
+                        utilization=max(utilization, 0.05),
                         decode_tps=1.0 / (sum(tpots) / len(tpots)) if tpots else 50.0, cost_weight=c.cost_weight,
-                        kv_usage=sum(r.kv_cache_usage for r in replicas) / n,
+                        kv_usage=sum(r.stats.kv_cache_usage for r in reports) / n,
                         max_request_tokens=c.max_model_len)
+
+    def pick_replica(self) -> str:
+        """The replica with the most free slots (ties: the first by name, so choices are deterministic)."""
+        return min(self.replicas, key=lambda name: (-self.replicas[name].free_slots, name))
 
 
 @dataclass
@@ -80,137 +107,207 @@ class UserStats:
     e2e_s: deque = field(default_factory=lambda: deque(maxlen=256))
 
 
+class Mailboxes:
+    """Outgoing messages per destination (an ingress or a replica); `notify` wakes whoever delivers them."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, list] = defaultdict(list)
+        self.notify: Callable[[str], None] = lambda destination: None
+
+    def put(self, destination: str, message) -> None:
+        self.items[destination].append(message)
+        self.notify(destination)
+
+    def take(self, destination: str) -> list:
+        return self.items.pop(destination, [])
+
+    def drop(self, destination: str) -> None:
+        self.items.pop(destination, None)
+
+
 class FairnessController:
-    def __init__(self, config: dict) -> None:
-        self.config = AppConfig.model_validate(config)
-        users = [User(u.name, u.weight) for u in self.config.users]
-        self.policy = make_policy(self.config.policy, users)
-        self.pools = {p.name: PoolState(p) for p in self.config.pools}
+    def __init__(self, config: AppConfig, clock: Callable[[], float] = time.monotonic, tracer=None) -> None:
+        self.config = config
+        self.clock = clock
+        self._t0 = clock()
+        self.policy = make_policy(config.policy, [User(u.name, u.weight) for u in config.users])
+        self.pools = {p.name: PoolState(p) for p in config.pools}
         self.stats: dict[str, UserStats] = defaultdict(UserStats)
-        self._waiters: dict[str, asyncio.Future] = {}
-        self._granted_at: dict[str, float] = {}
-        self._admitted: dict[str, dict] = {}  # request id -> pool state at the grant, for completion records
-        self._records = open(self.config.records_path, "a") if self.config.records_path else None
-        self._t0 = time.monotonic()
+        self.tracked: dict[str, Tracked] = {}
+        self.to_ingress = Mailboxes()
+        self.to_replica = Mailboxes()
         self.service_window = SlidingService(JAIN_WINDOW_S)
         self.prediction_error = PredictionError()
-        self._predictions: dict[str, Prediction] = {}
+        self.ttft_observers: list[Callable[[str, float], None]] = []  # the TTFT histogram (telemetry)
+        self.tracer = tracer if tracer is not None else tracer_of(make_provider(config.telemetry, "controller"))
+        self._records = open(config.records_path, "a") if config.records_path else None
         self._backlog: tuple[float, dict[str, int]] | None = None  # (when, counts): see backlog()
 
     def now(self) -> float:
-        return time.monotonic() - self._t0
+        return self.clock() - self._t0
 
-    # -- from the ingress -------------------------------------------------------------------------------------
-    async def submit(self, request_id: str, user: str, prompt_tokens: int, max_tokens: int) -> dict:
-        """Queue a request and wait for its grant: {"pool", "score", "counters_before", "counters_after", ...}."""
+    # -- from the ingress replicas ----------------------------------------------------------------------------
+    def apply(self, batch: IngressBatch) -> None:
+        for submission in batch.submissions:
+            self._submit(batch.ingress, submission)
+        for request_id, tokens in batch.progress.items():
+            self.policy.on_tokens(request_id, tokens)
+        for finished in batch.finished:
+            self.finish(finished)
+        for request_id in batch.withdrawn:
+            self.withdraw(request_id)
+        self._dispatch()
+
+    def _submit(self, ingress: str, submission: Submission) -> None:
+        user, generation = submission.user, submission.generation
         if user not in self.policy.users:
-            if self.config.auth:
-                raise InvalidRequest(f"unknown user {user!r}")
+            if self.config.auth:  # the ingress authenticated the key; a user removed since then is refused
+                self.to_ingress.put(ingress, Refusal(generation.id, f"unknown user {user!r}", 0.0))
+                return
             self.policy.add_user(User(user))  # auth off: demo users appear as they come
-        if self.policy.queue_length(user) >= self.config.limits.max_queue_per_user:
+        limit = self.config.limits.max_queue_per_user
+        if self.policy.queue_length(user) >= limit:
             self.stats[user].rejected += 1
-            raise QueueFull(f"user {user!r} has {self.config.limits.max_queue_per_user} requests waiting")
-        request = Request(request_id, user, self.now(), prompt_tokens, max_tokens)
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters[request_id] = waiter
+            self.to_ingress.put(ingress, Refusal(generation.id, f"user {user!r} has {limit} requests waiting",
+                                                 self.config.limits.retry_after_s))
+            return
+        prompt_tokens = len(generation.prompt_token_ids)
+        request = Request(generation.id, user, self.now(), prompt_tokens, generation.max_tokens)
+        self.tracked[request.id] = Tracked(request, Dispatch(generation, ingress))
         self.policy.submit(request, self.now())
         self.stats[user].submitted += 1
-        self._dispatch()
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                # granted just as the caller went away: release the grant, nothing was served
-                self.finish(request_id, user, waiter.result()["pool"], prompt_tokens, 0, 0.0, 0.0, 0.0,
-                            cancelled=True)
-            else:
-                self.cancel(request_id)
-            raise
 
-    def progress(self, request_id: str, new_tokens: int) -> None:
-        self.policy.on_tokens(request_id, new_tokens)
-
-    def finish(self, request_id: str, user: str, pool: str, prompt_tokens: int, output_tokens: int, ttft_s: float,
-               e2e_s: float, busy_seconds: float, cancelled: bool = False) -> dict:
-        """The measured outcome of a granted request; corrects the counters and frees the pool slot."""
-        if request_id not in self.policy.running:
-            return {}
-        self.pools[pool].running -= 1
-        granted = self._granted_at.pop(request_id, self.now())
-        outcome = Outcome(request_id, user, pool, prompt_tokens, output_tokens, ttft_s, e2e_s, busy_seconds,
-                          cancelled=cancelled)
-        request = self.policy.finish(outcome, self.now())
-        self._record(request, pool, output_tokens, ttft_s, e2e_s, cancelled)
-        prediction = self._predictions.pop(request_id, None)
-        if prediction is not None:
-            self.prediction_error.observe(prediction, outcome)
-        self.service_window.add(self.now(), user, self.policy_service(prompt_tokens, output_tokens)
-                                / self.policy.weight(user))
-        s = self.stats[user]
-        s.output_tokens += output_tokens
-        s.prompt_tokens += prompt_tokens
-        if cancelled:
-            s.cancelled += 1
-        else:
-            s.finished += 1
-            queue_wait = granted - request.arrival
-            s.ttft_s.append(queue_wait + ttft_s)
-            s.e2e_s.append(queue_wait + e2e_s)
-        self._dispatch()
-        return self.policy.counters(user)
-
-    def _record(self, request: Request, pool: str, output_tokens: int, ttft_s: float, e2e_s: float,
-                cancelled: bool) -> None:
-        """One completion record (predictors/records.py's schema) per finished request, when configured."""
-        admitted = self._admitted.pop(request.id, None)
-        if self._records is None or admitted is None or cancelled:
+    def finish(self, finished: Finished) -> None:
+        """A granted request ended: correct the counters with what its engine measured, free its slot."""
+        tracked = self.tracked.pop(finished.request_id, None)
+        if tracked is None or tracked.granted_at is None:
             return
-        state = self.pools[pool]
-        view = state.view()
-        self._records.write(json.dumps({
-            "arrival_s": request.arrival, "user": request.user, "prompt_tokens": request.prompt_tokens,
-            "max_tokens": request.max_tokens, "gpu": state.config.gpu_type, **admitted,
-            "output_tokens": output_tokens, "ttft_s": ttft_s, "e2e_s": e2e_s,
-            "throughput_tps": view.throughput_tps, "utilization": view.utilization, "finish_s": self.now()}) + "\n")
-        self._records.flush()
+        request, u = tracked.request, finished.usage
+        output = u.output_tokens if u is not None else finished.served_tokens
+        ttft, e2e, busy = (u.ttft_s, u.e2e_s, u.busy_seconds) if u is not None else (0.0, 0.0, 0.0)
+        replica = self.pools[request.pool].replicas.get(tracked.replica)
+        if replica is not None:
+            replica.running -= 1
+        outcome = Outcome(request.id, request.user, request.pool, request.prompt_tokens, output, ttft, e2e, busy,
+                          cancelled=finished.cancelled)
+        self.policy.finish(outcome, self.now())
+        if tracked.prediction is not None:
+            self.prediction_error.observe(tracked.prediction, outcome)
+        self.service_window.add(self.now(), request.user,
+                                self.policy_service(request.prompt_tokens, output) / self.policy.weight(request.user))
+        s = self.stats[request.user]
+        s.output_tokens += output
+        s.prompt_tokens += request.prompt_tokens
+        accounting_span(self.tracer, tracked.dispatch.generation.trace_context, {
+            "equinox.request_id": request.id, "equinox.user": request.user, "equinox.pool": request.pool,
+            "equinox.cancelled": finished.cancelled, "equinox.measured.output_tokens": output,
+            "equinox.measured.busy_seconds": busy,
+            **{f"equinox.counter.after_finish.{k}": float(v) for k, v in self.policy.counters(request.user).items()}})
+        if finished.cancelled:
+            s.cancelled += 1
+            return
+        s.finished += 1
+        queue_wait = tracked.granted_at - request.arrival
+        s.ttft_s.append(queue_wait + ttft)
+        s.e2e_s.append(queue_wait + e2e)
+        for observe in self.ttft_observers:
+            observe(request.user, queue_wait + ttft)
+        self._record(tracked, output, ttft, e2e)
 
-    def cancel(self, request_id: str) -> bool:
-        """Drop a request that has not been granted (the client went away)."""
-        request = self.policy.cancel(request_id)
-        waiter = self._waiters.pop(request_id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(Cancelled(request_id))
-            waiter.exception()  # retrieved: nobody may be awaiting it any more
-        if request is not None:
-            self.stats[request.user].cancelled += 1
-            forget = getattr(getattr(self.policy, "predictor", None), "forget", None)
-            if forget is not None:  # the predictions made while it waited (pool choices for the backlog)
-                forget(request_id)
-            self._dispatch()
-        return request is not None
+    def withdraw(self, request_id: str) -> None:
+        """The client went away: a waiting request leaves its queue; a running one is aborted on its replica, and
+        its ingress reports the finish with what was served."""
+        tracked = self.tracked.get(request_id)
+        if tracked is None:
+            return
+        if tracked.granted_at is not None:
+            self.to_replica.put(tracked.replica, Abort(request_id))
+            return
+        del self.tracked[request_id]
+        self.policy.cancel(request_id)
+        self.stats[tracked.request.user].cancelled += 1
+        forget = getattr(getattr(self.policy, "predictor", None), "forget", None)
+        if forget is not None:  # the predictions made while it waited (pool choices for the backlog)
+            forget(request_id)
 
-    # -- from the replicas ------------------------------------------------------------------------------------
-    def report(self, pool: str, replica: str, window: int, free_slots: int, tokens_per_s: float, utilization: float,
-               kv_cache_usage: float, tpot_s: float | None = None, detail: dict | None = None) -> dict:
-        state = self.pools[pool]
-        now = self.now()
-        state.replicas[replica] = ReplicaState(window, free_slots, tokens_per_s, utilization, kv_cache_usage, tpot_s,
-                                               now, detail or {})
-        stale = now - 5 * self.config.report_interval_s
-        for name in [r for r, s in state.replicas.items() if s.seen < stale]:
-            del state.replicas[name]  # a replica that stopped reporting is gone
+    def ingress_gone(self, ingress: str) -> None:
+        """An ingress replica's grant stream closed: its clients are gone with it."""
+        self.to_ingress.drop(ingress)
+        for request_id, tracked in list(self.tracked.items()):
+            if tracked.dispatch.ingress != ingress:
+                continue
+            if tracked.granted_at is None:
+                self.withdraw(request_id)
+            else:
+                self.to_replica.put(tracked.replica, Abort(request_id))
+                self.finish(Finished(request_id, None, tracked.request.served_output_tokens, cancelled=True))
         self._dispatch()
-        return {"backlog": self.backlog().get(pool, 0), "running": state.running}
 
-    def set_policy(self, policy: dict) -> str:
+    # -- from the pool replicas -------------------------------------------------------------------------------
+    def replica_connected(self, hello: ReplicaHello) -> None:
+        pool = self.pools[hello.pool]
+        if hello.replica not in pool.replicas:
+            pool.replicas[hello.replica] = ReplicaState(hello.pool, hello.window, self.now(),
+                                                        routable=hello.replica in pool.routable)
+        self._dispatch()
+
+    def set_routable(self, pool_name: str, replicas: set[str]) -> None:
+        """The replicas Serve routes to now. One it stopped routing to is being stopped: it is drained."""
+        pool = self.pools[pool_name]
+        pool.routable = set(replicas)
+        for name, state in pool.replicas.items():
+            routable = name in replicas
+            if state.routable and not routable:
+                self.to_replica.put(name, Drain())
+            state.routable = routable
+        self._dispatch()
+
+    def replica_gone(self, replica: str) -> None:
+        """Its work stream closed. Its requests end as their ingresses see their channels close."""
+        self.to_replica.drop(replica)
+        for pool in self.pools.values():
+            pool.replicas.pop(replica, None)
+
+    def report(self, report: ReplicaReport) -> ReportAnswer:
+        pool = self.pools[report.pool]
+        state = pool.replicas.get(report.replica)
+        if state is not None:
+            state.window, state.report, state.seen = report.window, report, self.now()
+        self._dispatch()
+        return ReportAnswer(self.backlog().get(report.pool, 0), pool.running)
+
+    # -- admin ------------------------------------------------------------------------------------------------
+    def set_policy(self, config: PolicyConfig) -> str:
         """Switch policy or weights while idle; counters start afresh, the users and their stats stay."""
         if len(self.policy.queues) or self.policy.running:
             raise Busy("the policy can only change while no request is waiting or running")
-        config = PolicyConfig.model_validate(policy)
         self.policy = make_policy(config, list(self.policy.users.values()))
         self._backlog = None
         self.config = self.config.model_copy(update={"policy": config})
         return self.policy.name
+
+    # -- dispatch ---------------------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while True:
+            decision = self.policy.schedule([p.view() for p in self.pools.values()], self.now())
+            if decision is None:
+                return
+            request = decision.request
+            tracked, pool = self.tracked[request.id], self.pools[decision.pool]
+            replica_name = pool.pick_replica()
+            if self._records is not None:
+                view = pool.view()
+                tracked.pool_at_grant = {"running": view.running, "waiting": view.waiting,
+                                         "kv_usage": view.kv_usage, "window": pool.capacity()}
+            pool.replicas[replica_name].running += 1
+            pool.granted += 1
+            tracked.granted_at, tracked.replica, tracked.prediction = self.now(), replica_name, decision.prediction
+            ingress = tracked.dispatch.ingress
+            self.to_replica.put(replica_name, tracked.dispatch)
+            self.to_ingress.put(ingress, Grant(request.id, decision.pool, replica_name,
+                                               tracked.granted_at - request.arrival, decision.score,
+                                               decision.counters_before, decision.counters_after,
+                                               decision.prediction))
 
     # -- views ------------------------------------------------------------------------------------------------
     def backlog(self) -> dict[str, int]:
@@ -253,9 +350,9 @@ class FairnessController:
         backlog = self.backlog()
         pools = {name: {"gpu_type": p.config.gpu_type, "replicas": len(p.replicas), "capacity": p.capacity(),
                         "running": p.running, "granted": p.granted, "backlog": backlog[name],
-                        "tokens_per_s": sum(r.tokens_per_s for r in p.replicas.values()),
+                        "tokens_per_s": sum(r.report.stats.tokens_per_s for r in p.replicas.values() if r.report),
                         "utilization": p.view().utilization if p.replicas else None,
-                        "replicas_detail": {r: {"window": s.window, **s.detail} for r, s in p.replicas.items()}}
+                        "replicas_detail": {name: _replica_detail(r) for name, r in p.replicas.items()}}
                  for name, p in self.pools.items()}
         return {"policy": self.policy.name, "time_s": self.now(), "users": rows, "pools": pools,
                 "jain": self.jain(), "jain_window_s": JAIN_WINDOW_S, "predictor": self.predictor_status()}
@@ -280,33 +377,28 @@ class FairnessController:
                 "fallbacks": getattr(predictor, "fallbacks", 0), "error": dict(self.prediction_error.error),
                 "observed": self.prediction_error.count}
 
-    # -- dispatch ---------------------------------------------------------------------------------------------
-    def _dispatch(self) -> None:
-        while True:
-            views = [p.view() for p in self.pools.values()]
-            grant = self.policy.schedule(views, self.now())
-            if grant is None:
-                return
-            request = grant.request
-            pool_state = self.pools[grant.pool]
-            if self._records is not None:
-                view = pool_state.view()
-                self._admitted[request.id] = {"running": view.running, "waiting": view.waiting,
-                                              "kv_usage": view.kv_usage, "window": pool_state.capacity()}
-            pool_state.running += 1
-            pool_state.granted += 1
-            self._granted_at[request.id] = self.now()
-            waiter = self._waiters.pop(request.id, None)
-            if grant.prediction is not None:
-                self._predictions[request.id] = grant.prediction
-            prediction = grant.prediction.__dict__ if grant.prediction is not None else None
-            if waiter is not None and not waiter.done():
-                waiter.set_result({"pool": grant.pool, "score": grant.score, "prediction": prediction,
-                                   "counters_before": grant.counters_before, "counters_after": grant.counters_after,
-                                   "queue_wait_s": self.now() - request.arrival})
-            else:  # its client is gone: end it at once so the slot and the counters are right
-                self.finish(request.id, request.user, grant.pool, request.prompt_tokens, 0, 0.0, 0.0, 0.0,
-                            cancelled=True)
+    def _record(self, tracked: Tracked, output_tokens: int, ttft_s: float, e2e_s: float) -> None:
+        """One completion record (predictors/records.py's schema) per finished request, when configured."""
+        if self._records is None or tracked.pool_at_grant is None:
+            return
+        request = tracked.request
+        state = self.pools[request.pool]
+        view = state.view()
+        self._records.write(json.dumps({
+            "arrival_s": request.arrival, "user": request.user, "prompt_tokens": request.prompt_tokens,
+            "max_tokens": request.max_tokens, "gpu": state.config.gpu_type, **tracked.pool_at_grant,
+            "output_tokens": output_tokens, "ttft_s": ttft_s, "e2e_s": e2e_s,
+            "throughput_tps": view.throughput_tps, "utilization": view.utilization, "finish_s": self.now()}) + "\n")
+        self._records.flush()
+
+
+def _replica_detail(state: ReplicaState) -> dict:
+    detail = {"window": state.window, "running": state.running}
+    if state.report is not None:
+        r = state.report
+        detail.update(in_flight=r.in_flight, local_queue=r.local_queue, engine_running=r.stats.running,
+                      engine_waiting=r.stats.waiting, finished=r.finished)
+    return detail
 
 
 def _percentiles(values) -> dict:

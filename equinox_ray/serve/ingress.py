@@ -1,8 +1,9 @@
-"""The OpenAI-compatible ingress: identify the user, validate, ask the controller for a grant, stream from the pool.
+"""The OpenAI-compatible ingress: identify the user, validate, tokenize, submit to the controller, stream the tokens.
 
-Every accepted request ends in a completion or an explicit error. A client that goes away before its grant is
-taken out of its queue; one that goes away mid-stream has its engine request aborted, and the controller is told
-what was actually served.
+Any number of ingress replicas serve HTTP (behind Serve's HAProxy, or its proxy); each talks to the one fairness
+controller through `ControllerLink` and reads tokens from the pool replicas through `PoolChannels`. Every accepted
+request ends in a completion or an explicit error. A client that goes away is withdrawn: out of its queue if it
+still waits, aborted on its replica if it runs, and charged only what it was served.
 """
 
 from __future__ import annotations
@@ -16,23 +17,24 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-from equinox_ray.engines.types import EngineError, GenerationRequest, RequestRejected
+from equinox_ray.engines.types import GenerationRequest, TokenChunk
 from equinox_ray.serve.config import AppConfig, PolicyConfig
-from equinox_ray.serve.errors import Busy, Cancelled, QueueFull
-from equinox_ray.serve.controller import FairnessController
+from equinox_ray.serve.errors import Busy
+from equinox_ray.serve.ingress_links import ControllerLink, Inflight, PoolChannels, Refused
 from equinox_ray.serve.openai_protocol import (
     APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, sse, usage,
 )
 from equinox_ray.serve.paths import resolve
+from equinox_ray.serve.protocol import Submission
 from equinox_ray.telemetry.dashboard import DASHBOARD_HTML
-from equinox_ray.telemetry.metrics import FairnessMetrics
 from equinox_ray.telemetry.spans import RequestTrace, tracer_of
 from equinox_ray.telemetry.tracing import make_provider
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="equinox-ray", description="Fair multi-user LLM serving (OpenAI-compatible)")
-PROGRESS_EVERY = 16  # tokens between progress reports to the controller
+TOKENIZE_IN_THREAD_CHARS = 4096  # longer prompts are tokenized off the event loop that serves everyone else
 
 
 # serve.ingress pickles the app when the class is decorated: helpers must be defined above the class.
@@ -71,17 +73,8 @@ async def _parse(request: Request, model):
         raise APIError(400, f"{param}: {first['msg']}", "invalid_request_error", param) from None
 
 
-ENGINE_FAILURES = (EngineError, RequestRejected, RuntimeError)
-
-
-def _engine_failure(exc: Exception) -> APIError:
-    return APIError(503, f"the engine failed: {exc}", "server_error", code="engine_error")
-
-
-async def _prepend(first, rest):
-    yield first
-    async for item in rest:
-        yield item
+def _engine_failure(chunk: TokenChunk) -> APIError:
+    return APIError(503, f"the engine failed: {chunk.error}", "server_error", code="engine_error")
 
 
 class Tokenizer:
@@ -104,24 +97,31 @@ class Tokenizer:
             return self.hf.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True)
         return self.encode("".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:")
 
+    async def run(self, encode, payload, size: int) -> list[int]:
+        if size > TOKENIZE_IN_THREAD_CHARS:
+            return await asyncio.to_thread(encode, payload)
+        return encode(payload)
 
-@serve.deployment(max_ongoing_requests=4096, num_replicas=1)
+
+@serve.deployment(max_ongoing_requests=4096)
 @serve.ingress(api)
 class EquinoxIngress:
-    """Hosts the global fairness controller in its own process (one replica): a grant costs no remote call."""
-
-    def __init__(self, config: dict, pools: dict) -> None:
-        self.config = AppConfig.model_validate(config)
-        self.pools = pools
-        self.controller = FairnessController(config)
-        self.tokenizer = Tokenizer(self.config.model.tokenizer)
-        self.users = {u.api_key: u.name for u in self.config.users}
-        self.admins = set(self.config.admin_keys)
-        self.max_model_len = max(p.max_model_len for p in self.config.pools)  # the controller picks a pool it fits
-        self.model = self.config.model.name
-        self.gpu_types = {p.name: p.gpu_type for p in self.config.pools}
-        self.tracer = tracer_of(make_provider(self.config.telemetry, "ingress"))
-        self.metrics = FairnessMetrics(self.controller, self.config.telemetry.max_user_labels)
+    def __init__(self, config: AppConfig, controller: DeploymentHandle, pools: dict[str, DeploymentHandle]) -> None:
+        self.config = config
+        self.controller = controller
+        self.name = serve.get_replica_context().replica_id.unique_id
+        self.tokenizer = Tokenizer(config.model.tokenizer)
+        self.users = {u.api_key: u.name for u in config.users}
+        self.weights = {u.name: u.weight for u in config.users}
+        self.admins = set(config.admin_keys)
+        self.max_model_len = max(p.max_model_len for p in config.pools)  # the controller picks a pool it fits
+        self.model = config.model.name
+        self.gpu_types = {p.name: p.gpu_type for p in config.pools}
+        self.tracer = tracer_of(make_provider(config.telemetry, "ingress"))
+        self.channels = PoolChannels(pools, self.name, deliver=lambda chunk: self.link.deliver(chunk),
+                                     lost=lambda replica, why: self.link.replica_lost(replica, why))
+        self.link = ControllerLink(controller, self.name, config.ingress.batch_interval_ms / 1000.0,
+                                   on_grant=self.channels.ensure)
 
     # -- routes ----------------------------------------------------------------------------------------------
     @api.get("/health")
@@ -134,7 +134,7 @@ class EquinoxIngress:
 
     @api.get("/metrics")
     async def prometheus(self) -> Response:
-        body, content_type = self.metrics.render()
+        body, content_type = await self.controller.prometheus.remote()
         return Response(body, media_type=content_type)
 
     @api.get("/dashboard")
@@ -145,9 +145,8 @@ class EquinoxIngress:
     async def fairness(self, request: Request) -> dict:
         key = _bearer(request)
         if key in self.admins:
-            return self.controller.snapshot()
-        user = self._user_for_key(key, None)
-        return self.controller.snapshot(user)
+            return await self.controller.snapshot.remote()
+        return await self.controller.snapshot.remote(self._user_for_key(key, None))
 
     @api.put("/v1/admin/policy")
     async def set_policy(self, request: Request) -> dict:
@@ -157,7 +156,7 @@ class EquinoxIngress:
                            code="forbidden")
         try:
             body = PolicyConfig.model_validate(json.loads(await request.body()))
-            return {"policy": self.controller.set_policy(body.model_dump())}
+            return {"policy": await self.controller.set_policy.remote(body)}
         except json.JSONDecodeError as exc:
             raise APIError(400, f"the body is not valid JSON: {exc}", "invalid_request_error") from None
         except Busy as exc:
@@ -169,22 +168,19 @@ class EquinoxIngress:
     async def completions(self, request: Request):
         body = await _parse(request, CompletionRequest)
         user = self._user_for_key(_bearer(request), body.user)
-        ids = body.prompt if isinstance(body.prompt, list) else self.tokenizer.encode(body.prompt)
+        if isinstance(body.prompt, list):
+            ids = body.prompt
+        else:
+            ids = await self.tokenizer.run(self.tokenizer.encode, body.prompt, len(body.prompt))
         return await self._serve(body, user, ids, body.max_tokens, chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         body = await _parse(request, ChatRequest)
         user = self._user_for_key(_bearer(request), body.user)
-        return await self._serve(body, user, self.tokenizer.chat(body.messages), body.requested_max_tokens, chat=True)
-
-    # -- from the pool replicas (Serve handle calls) --------------------------------------------------------------
-    async def report(self, pool: str, replica: str, window: int, free_slots: int, tokens_per_s: float,
-                     utilization: float, kv_cache_usage: float, tpot_s: float | None = None,
-                     detail: dict | None = None) -> dict:
-        # async on purpose: Serve runs plain methods in a thread pool, and the controller is single-threaded state
-        return self.controller.report(pool, replica, window, free_slots, tokens_per_s, utilization, kv_cache_usage,
-                                      tpot_s, detail)
+        size = sum(len(m.content) for m in body.messages)
+        ids = await self.tokenizer.run(self.tokenizer.chat, body.messages, size)
+        return await self._serve(body, user, ids, body.requested_max_tokens, chat=True)
 
     # -- the request path --------------------------------------------------------------------------------------
     def _user_for_key(self, key: str | None, claimed: str | None) -> str:
@@ -201,37 +197,34 @@ class EquinoxIngress:
     async def _serve(self, body, user: str, ids: list[int], max_tokens: int | None, chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         max_tokens = max_tokens or self.config.limits.default_max_tokens
-        known = self.controller.policy.users.get(user)  # None for a demo user's first request with auth off
-        weight = known.weight if known else None
+        weight = self.weights.get(user)
         span = RequestTrace(self.tracer, request_id=rid, operation="chat" if chat else "text_completion",
-                            model=body.model, user=user, weight=weight, policy=self.controller.policy.name,
+                            model=body.model, user=user, weight=weight, policy=self.config.policy.name,
                             prompt_tokens=len(ids), max_tokens=max_tokens)
         try:
             with span.admission(user, weight):
                 self._admit(body, ids, max_tokens)
-            span.queued()
-            grant = await self._wait_for_grant(rid, user, len(ids), max_tokens)
-        except APIError as exc:
-            span.failed(exc.status, exc.message)
-            raise
+            generation = GenerationRequest(rid, max_tokens, prompt_token_ids=list(ids), ignore_eos=body.ignore_eos,
+                                           temperature=body.temperature, trace_context=span.queued())
+            inflight = self.link.submit(Submission(user, generation))
+            try:
+                grant = await inflight.granted
+            except Refused as exc:
+                raise APIError(429, str(exc), "rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(max(1, round(exc.refusal.retry_after_s)))}) from None
+            span.granted(grant, self.gpu_types.get(grant.pool, ""))
+            first = await self._next(inflight)
         except BaseException as exc:
-            span.failed(499 if isinstance(exc, asyncio.CancelledError) else 500, type(exc).__name__)
+            self.link.withdraw(rid)
+            status = exc.status if isinstance(exc, APIError) else 499 if isinstance(exc, asyncio.CancelledError) else 500
+            span.failed(status, str(exc) or type(exc).__name__)
             raise
-        carrier = span.granted(grant, self.gpu_types.get(grant["pool"], ""))
-        generation = GenerationRequest(rid, max_tokens, prompt_token_ids=list(ids), ignore_eos=body.ignore_eos,
-                                       temperature=body.temperature, trace_context=carrier)
-        chunks = self._stream(grant["pool"], generation, user, span, grant.get("queue_wait_s", 0.0))
-        try:  # start the stream here, so that from the grant on a running generator owns the request
-            first = await chunks.__anext__()
-        except BaseException as exc:
-            await chunks.aclose()
-            if isinstance(exc, ENGINE_FAILURES):
-                raise _engine_failure(exc) from None
-            raise
-        chunks = _prepend(first, chunks)
+        if first.finish_reason == "error":
+            span.finished(first)
+            raise _engine_failure(first)
+        chunks = self._chunks(inflight, first, span)
         if body.stream:
-            return StreamingResponse(self._sse(chunks, rid, chat, body.include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._sse(chunks, rid, chat, body.include_usage), media_type="text/event-stream")
         return await self._collect(chunks, rid, chat)
 
     def _admit(self, body, ids: list[int], max_tokens: int) -> None:
@@ -250,70 +243,46 @@ class EquinoxIngress:
                                 f"{len(ids)} and max_tokens is {max_tokens}", "invalid_request_error",
                            "max_tokens", "context_length_exceeded")
 
-    async def _wait_for_grant(self, rid: str, user: str, prompt_tokens: int, max_tokens: int) -> dict:
-        try:
-            return await self.controller.submit(rid, user, prompt_tokens, max_tokens)
-        except QueueFull as exc:
-            retry = self.config.limits.retry_after_s
-            raise APIError(429, str(exc), "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(retry)}) from None
-        except Cancelled:
-            raise APIError(499, "request cancelled", "invalid_request_error") from None
+    @staticmethod
+    async def _next(inflight: Inflight) -> TokenChunk:
+        return await inflight.chunks.get()
 
-    async def _stream(self, pool: str, generation: GenerationRequest, user: str, span: RequestTrace,
-                      queue_wait_s: float):
-        """Chunks from the pool; whatever happens, the controller learns what was served."""
-        with span.dispatching():
-            response = self.pools[pool].options(stream=True).generate.remote(generation)
-        served, reported, final = 0, 0, None
+    async def _chunks(self, inflight: Inflight, first: TokenChunk, span: RequestTrace):
+        """The request's chunks to its last; if the client goes away first, the request is withdrawn."""
+        chunk = first
         try:
-            async for chunk in response:
-                served += len(chunk.token_ids)
-                if served - reported >= PROGRESS_EVERY:
-                    self.controller.progress(generation.id, served - reported)
-                    reported = served
-                if chunk.usage is not None:
-                    final = chunk
+            while True:
                 yield chunk
+                if chunk.last:
+                    return
+                chunk = await inflight.chunks.get()
         finally:
-            if final is None:
-                response.cancel()  # aborts the engine request on the replica
-            u = final.usage if final is not None else None
-            if u is None:
-                output, ttft, e2e, busy = served, 0.0, 0.0, 0.0
-            else:
-                output, ttft, e2e, busy = u.output_tokens, u.ttft_s, u.e2e_s, u.busy_seconds
-            cancelled = final is None or final.finish_reason == "abort"
-            counters = self.controller.finish(generation.id, user, pool, len(generation.prompt_token_ids), output,
-                                              ttft, e2e, busy, cancelled=cancelled)
-            if not cancelled:
-                self.metrics.observe_ttft(user, queue_wait_s + ttft)
-            span.finished(output_tokens=output, finish_reason=final.finish_reason if final else None, ttft_s=ttft,
-                          e2e_s=e2e, busy_seconds=busy, counters=counters)
+            if not chunk.last:
+                self.link.withdraw(inflight.submission.request_id)
+            span.finished(chunk)
 
     async def _collect(self, chunks, rid: str, chat: bool) -> dict:
-        text, n, finish, prompt = [], 0, None, 0
-        try:
-            async for chunk in chunks:
-                text.append(chunk.text)
-                n += len(chunk.token_ids)
-                if chunk.usage is not None:
-                    finish, prompt = chunk.finish_reason, chunk.usage.prompt_tokens
-        except ENGINE_FAILURES as exc:
-            raise _engine_failure(exc) from None
-        return completion_body(rid, self.model, "".join(text), finish, usage(prompt, n), chat)
+        text, n, last = [], 0, None
+        async for chunk in chunks:
+            text.append(chunk.text)
+            n += len(chunk.token_ids)
+            last = chunk
+        if last.finish_reason == "error":
+            raise _engine_failure(last)
+        prompt = last.usage.prompt_tokens if last.usage is not None else 0
+        return completion_body(rid, self.model, "".join(text), last.finish_reason, usage(prompt, n), chat)
 
     async def _sse(self, chunks, rid: str, chat: bool, include_usage: bool):
         n, prompt, first = 0, 0, True
-        try:
-            async for chunk in chunks:
-                n += len(chunk.token_ids)
-                if chunk.usage is not None:
-                    prompt = chunk.usage.prompt_tokens
-                yield sse(chunk_body(rid, self.model, chunk.text, chunk.finish_reason, chat, first=first))
-                first = False
-        except ENGINE_FAILURES as exc:
-            yield sse(_engine_failure(exc).body())
+        async for chunk in chunks:
+            if chunk.finish_reason == "error":
+                yield sse(_engine_failure(chunk).body())
+                break
+            n += len(chunk.token_ids)
+            if chunk.usage is not None:
+                prompt = chunk.usage.prompt_tokens
+            yield sse(chunk_body(rid, self.model, chunk.text, chunk.finish_reason, chat, first=first))
+            first = False
         if include_usage:
             yield sse(chunk_body(rid, self.model, None, None, chat, use=usage(prompt, n)))
         yield sse("[DONE]")

@@ -102,12 +102,12 @@ class ControllerCollector:
         }
         for name, state in c.pools.items():
             labels = [name, state.config.gpu_type]
-            replicas = list(state.replicas.values())
-            families["throughput"].add_metric(labels, sum(r.tokens_per_s for r in replicas))
-            families["utilization"].add_metric(labels, sum(r.utilization for r in replicas) / len(replicas)
-                                               if replicas else 0.0)
+            reports = [r.report for r in state.replicas.values() if r.report is not None]
+            families["throughput"].add_metric(labels, sum(r.stats.tokens_per_s for r in reports))
+            families["utilization"].add_metric(labels, sum(r.stats.utilization for r in reports) / len(reports)
+                                               if reports else 0.0)
             families["window"].add_metric(labels, state.capacity())
-            families["replicas"].add_metric(labels, len(replicas))
+            families["replicas"].add_metric(labels, len(state.replicas))
             families["running"].add_metric(labels, state.running)
         return families.values()
 

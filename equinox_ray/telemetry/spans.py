@@ -1,12 +1,14 @@
-"""The spans of one request: the ingress's root span with admission, queue and dispatch children, and the pool
-replica's prefill and decode spans, joined through a W3C trace-context carrier sent with the generation request.
+"""The spans of one request: the ingress's root span with admission, queue and dispatch children, the pool
+replica's prefill and decode spans and the controller's accounting span, joined through a W3C trace-context carrier
+sent with the generation request.
 
     <operation> <model>            (root, the ingress)     gen_ai.* request and usage, equinox.user, .policy
       equinox.admission                                    validation, the user and weight
       equinox.queue                                        waiting for the grant: score, counters, prediction
-      equinox.dispatch                                     the call to the pool, until the last token
-        equinox.prefill            (the pool replica)      until the first token
-        equinox.decode             (the pool replica)      the remaining tokens
+      equinox.dispatch                                     from the grant to the last token
+      equinox.prefill              (the pool replica)      until the first token
+      equinox.decode               (the pool replica)      the remaining tokens
+      equinox.accounting           (the controller)        the charge and the counters after the finish
 
 Attribute names are string literals: the GenAI semantic conventions where they apply, `equinox.*` for ours
 (docs/observability.md lists them).
@@ -14,14 +16,17 @@ Attribute names are string literals: the GenAI semantic conventions where they a
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import AsyncIterator
 
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from equinox_ray.engines.types import TokenChunk
+from equinox_ray.serve.protocol import Grant
+
 PROVIDER = "equinox-ray"
+PREDICTED = ("output_tokens", "ttft_s", "e2e_s", "throughput_tps", "utilization")
 
 
 def tracer_of(provider) -> trace.Tracer:
@@ -61,49 +66,45 @@ class RequestTrace:
         return self.tracer.start_as_current_span("equinox.admission", context=self._context,
                                                  attributes=_user(user, weight))
 
-    def queued(self) -> None:
+    def queued(self) -> dict[str, str]:
+        """Open the queue span; return the carrier from which the controller and the pool replica continue the
+        trace (their spans are children of the root)."""
         self.queue = self.tracer.start_span("equinox.queue", context=self._context)
+        carrier: dict[str, str] = {}
+        inject(carrier, context=self._context)
+        return carrier
 
-    def granted(self, grant: dict, gpu_type: str) -> dict[str, str]:
-        """End the queue span with the decision's attributes, open the dispatch span, and return the carrier the
-        pool replica continues the trace from."""
-        prediction = grant.get("prediction") or {}
-        decision = {
-            "equinox.pool": grant["pool"], "equinox.gpu_type": gpu_type,
-            "equinox.queue_wait_s": float(grant.get("queue_wait_s", 0.0)), "equinox.score": float(grant["score"]),
-            **_flat("equinox.counter.before", grant.get("counters_before")),
-            **_flat("equinox.counter.after_admission", grant.get("counters_after")),
-            **{f"equinox.predicted.{k}": float(prediction[k]) for k in ("output_tokens", "ttft_s", "e2e_s",
-                                                                       "throughput_tps", "utilization")
-               if k in prediction},
-        }
-        if "source" in prediction:
-            decision["equinox.predicted.source"] = str(prediction["source"])
+    def granted(self, grant: Grant, gpu_type: str) -> None:
+        """End the queue span with the decision's attributes and open the dispatch span (until the last token)."""
+        decision = {"equinox.pool": grant.pool, "equinox.gpu_type": gpu_type, "equinox.replica": grant.replica,
+                    "equinox.queue_wait_s": float(grant.queue_wait_s), "equinox.score": float(grant.score),
+                    **_flat("equinox.counter.before", grant.counters_before),
+                    **_flat("equinox.counter.after_admission", grant.counters_after)}
+        if grant.prediction is not None:
+            p = grant.prediction
+            decision.update({f"equinox.predicted.{k}": float(getattr(p, k)) for k in PREDICTED})
+            decision["equinox.predicted.source"] = str(p.source)
         if self.queue is not None:
             self.queue.set_attributes(decision)
             self.queue.end()
         self.root.set_attributes(decision)
         self.dispatch = self.tracer.start_span("equinox.dispatch", context=self._context,
-                                               attributes={"equinox.pool": grant["pool"],
-                                                           "equinox.gpu_type": gpu_type})
-        carrier: dict[str, str] = {}
-        inject(carrier, context=trace.set_span_in_context(self.dispatch))
-        return carrier
+                                               attributes={"equinox.pool": grant.pool, "equinox.gpu_type": gpu_type})
 
-    def dispatching(self):
-        """Make the dispatch span current around the call to the pool, so Serve's own routing spans nest in it."""
-        return trace.use_span(self.dispatch, end_on_exit=False) if self.dispatch is not None else nullcontext()
-
-    def finished(self, *, output_tokens: int, finish_reason: str | None, ttft_s: float, e2e_s: float,
-                 busy_seconds: float, counters: dict | None) -> None:
-        attributes = {**_usage(output_tokens, finish_reason, ttft_s, e2e_s, busy_seconds),
-                      "equinox.measured.output_tokens": output_tokens,
-                      **_flat("equinox.counter.after_finish", counters)}
+    def finished(self, last: TokenChunk) -> None:
+        """The request's last chunk reached the client (or the client went away first)."""
+        attributes = {"gen_ai.response.finish_reasons": [last.finish_reason or "abort"]}
+        if last.usage is not None:
+            u = last.usage
+            attributes.update(_usage(u.output_tokens, last.finish_reason, u.ttft_s, u.e2e_s, u.busy_seconds))
+            attributes["equinox.measured.output_tokens"] = u.output_tokens
+        if last.error is not None:
+            attributes["error.type"] = last.error
         if self.dispatch is not None:
             self.dispatch.end()
         self.root.set_attributes(attributes)
-        if finish_reason in (None, "abort"):
-            self.root.set_status(Status(StatusCode.ERROR, "cancelled or failed before the end"))
+        if last.finish_reason in (None, "abort", "error"):
+            self.root.set_status(Status(StatusCode.ERROR, last.error or "cancelled or failed before the end"))
         self.root.end()
 
     def failed(self, status: int, message: str) -> None:
@@ -113,6 +114,12 @@ class RequestTrace:
         self.root.set_attribute("http.response.status_code", status)
         self.root.set_status(Status(StatusCode.ERROR, message))
         self.root.end()
+
+
+def accounting_span(tracer: trace.Tracer, carrier: dict | None, attributes: dict) -> None:
+    """The controller's side: one span per finished request with what it was charged and the counters after."""
+    span = tracer.start_span("equinox.accounting", context=extract(carrier or {}), attributes=attributes)
+    span.end()
 
 
 async def traced_generation(tracer: trace.Tracer, chunks: AsyncIterator, carrier: dict | None,

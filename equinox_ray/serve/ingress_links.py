@@ -1,0 +1,186 @@
+"""An ingress replica's links to the rest of the cluster: the controller (batched news up, a stream of grants down)
+and the pool replicas (one token channel per replica it has requests on).
+
+The replica keeps one `Inflight` record per request it serves. The HTTP handler submits it and awaits its grant
+and then its chunks; everything else happens here, whether or not the handler is still there: progress and the
+measured usage go to the controller, and a client that went away is withdrawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ray.serve.handle import DeploymentHandle
+
+from equinox_ray.engines.types import TokenChunk
+from equinox_ray.serve.protocol import Finished, Grant, IngressBatch, Refusal, Submission
+
+log = logging.getLogger("ray.serve")
+RECONNECT_S = 0.5
+CHANNEL_OPEN_TIMEOUT_S = 30.0
+ENDED = ("abort", "error")  # finish reasons of a request that did not complete
+
+
+class Refused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
+@dataclass
+class Inflight:
+    """One request at its ingress replica, from submission to its last chunk."""
+
+    submission: Submission
+    granted: asyncio.Future
+    chunks: asyncio.Queue = field(default_factory=asyncio.Queue)
+    grant: Grant | None = None
+    served: int = 0
+
+
+class ControllerLink:
+    """Sends the controller one `IngressBatch` at a time, at most one per `batch_interval_s` (the first one at
+    once), and receives this replica's grants on a long-lived stream."""
+
+    def __init__(self, controller: DeploymentHandle, ingress: str, batch_interval_s: float,
+                 on_grant: Callable[[Grant], None]) -> None:
+        self.controller = controller
+        self.ingress = ingress
+        self.batch_interval_s = batch_interval_s
+        self.on_grant = on_grant
+        self.inflight: dict[str, Inflight] = {}
+        self._batch = IngressBatch(ingress)
+        self._pending = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._grant_loop())]
+
+    # -- the handler's side -----------------------------------------------------------------------------------
+    def submit(self, submission: Submission) -> Inflight:
+        inflight = Inflight(submission, asyncio.get_running_loop().create_future())
+        self.inflight[submission.request_id] = inflight
+        self._send(lambda b: b.submissions.append(submission))
+        return inflight
+
+    def withdraw(self, request_id: str) -> None:
+        """The client is gone: forget the request and tell the controller (which aborts it if it runs)."""
+        if self.inflight.pop(request_id, None) is not None:
+            self._send(lambda b: b.withdrawn.append(request_id))
+
+    # -- from the pool channels -------------------------------------------------------------------------------
+    def deliver(self, chunk: TokenChunk) -> None:
+        inflight = self.inflight.get(chunk.request_id)
+        if inflight is None:  # withdrawn: its last chunk still says what it was served
+            if chunk.last:
+                self._finish(chunk, 0)
+            return
+        tokens = len(chunk.token_ids)
+        if tokens:
+            inflight.served += tokens
+            progress = self._batch.progress
+            progress[chunk.request_id] = progress.get(chunk.request_id, 0) + tokens  # sent with the next batch
+        inflight.chunks.put_nowait(chunk)
+        if chunk.last:
+            del self.inflight[chunk.request_id]
+            self._finish(chunk, inflight.served)
+
+    def replica_lost(self, replica: str, why: str) -> None:
+        """The channel to a replica closed: its requests here end with an error."""
+        for inflight in list(self.inflight.values()):
+            if inflight.grant is not None and inflight.grant.replica == replica:
+                self.deliver(TokenChunk(inflight.submission.request_id, [], finish_reason="error", error=why))
+
+    def _finish(self, chunk: TokenChunk, served: int) -> None:
+        finished = Finished(chunk.request_id, chunk.usage, served, cancelled=chunk.finish_reason in ENDED)
+        self._send(lambda b: b.finished.append(finished))
+
+    # -- the loops --------------------------------------------------------------------------------------------
+    def _send(self, add: Callable[[IngressBatch], None]) -> None:
+        add(self._batch)
+        self._pending.set()
+
+    async def _send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = -self.batch_interval_s
+        while True:
+            await self._pending.wait()
+            delay = last + self.batch_interval_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._pending.clear()
+            batch, self._batch = self._batch, IngressBatch(self.ingress)
+            last = loop.time()
+            try:
+                await self.controller.update.remote(batch)
+            except Exception:
+                log.warning("update to the fairness controller failed; it is resent", exc_info=True)
+                self._requeue(batch)
+                await asyncio.sleep(RECONNECT_S)
+
+    def _requeue(self, batch: IngressBatch) -> None:
+        """A batch the controller did not take goes out again with the next one, in front of what came since."""
+        newer, self._batch = self._batch, batch
+        batch.submissions += newer.submissions
+        for request_id, tokens in newer.progress.items():
+            batch.progress[request_id] = batch.progress.get(request_id, 0) + tokens
+        batch.finished += newer.finished
+        batch.withdrawn += newer.withdrawn
+        self._pending.set()
+
+    async def _grant_loop(self) -> None:
+        while True:
+            try:
+                async for messages in self.controller.options(stream=True).grants.remote(self.ingress):
+                    for message in messages:
+                        self._on_decision(message)
+            except Exception:
+                log.warning("grant stream from the fairness controller broke; reconnecting", exc_info=True)
+            await asyncio.sleep(RECONNECT_S)
+
+    def _on_decision(self, message: Grant | Refusal) -> None:
+        if isinstance(message, Grant):
+            self.on_grant(message)  # open the replica's channel, even for a withdrawn request: its end comes there
+        inflight = self.inflight.get(message.request_id)
+        if inflight is None or inflight.granted.done():
+            return
+        if isinstance(message, Grant):
+            inflight.grant = message
+            inflight.granted.set_result(message)
+        else:
+            del self.inflight[message.request_id]
+            inflight.granted.set_exception(Refused(message))
+
+
+class PoolChannels:
+    """One reader per pool replica this ingress has requests on; each chunk goes to `deliver`, and `lost` hears of
+    a channel that closed."""
+
+    def __init__(self, pools: dict[str, DeploymentHandle], ingress: str, deliver: Callable[[TokenChunk], None],
+                 lost: Callable[[str, str], None]) -> None:
+        self.pools = pools
+        self.ingress = ingress
+        self.deliver = deliver
+        self.lost = lost
+        self._readers: dict[str, asyncio.Task] = {}
+
+    def ensure(self, grant: Grant) -> None:
+        if grant.replica not in self._readers:
+            self._readers[grant.replica] = asyncio.create_task(self._read(grant.pool, grant.replica))
+
+    async def _read(self, pool: str, replica: str) -> None:
+        why = "the replica serving this request stopped"
+        try:
+            stream = self.pools[pool].options(stream=True).channel.remote(replica=replica, ingress=self.ingress)
+            await asyncio.wait_for(stream.__anext__(), CHANNEL_OPEN_TIMEOUT_S)  # the empty opening message
+            async for batch in stream:
+                for chunk in batch:
+                    self.deliver(chunk)
+        except asyncio.TimeoutError:
+            why = f"replica {replica} of pool {pool} could not be reached"
+            log.warning(why)
+        except Exception as exc:
+            log.warning("channel from replica %s of pool %s closed: %r", replica, pool, exc)
+        finally:
+            self._readers.pop(replica, None)
+            self.lost(replica, why)
