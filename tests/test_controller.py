@@ -16,7 +16,7 @@ from equinox_ray.serve.protocol import (
 def config(**policy) -> AppConfig:
     return AppConfig.model_validate({
         "model": {"name": "m", "tokenizer": None},
-        "users": [{"name": "a", "api_key": "key-aaaaaaaa"}, {"name": "b", "api_key": "key-bbbbbbbb"}],
+        "users": [{"name": "a", "key": {"env": "KEY_A"}}, {"name": "b", "key": {"env": "KEY_B"}}],
         "limits": {"max_queue_per_user": 3},
         "telemetry": {"exporter": "none"},
         "policy": policy or {"name": "vtc"},

@@ -25,6 +25,7 @@ from equinox_ray.fairness.live import PredictionError, SlidingService
 from equinox_ray.fairness.prediction import Outcome, Prediction
 from equinox_ray.serve.config import AppConfig
 from equinox_ray.serve.controller import FairnessController
+from equinox_ray.serve.keys import digest
 from equinox_ray.serve.protocol import Finished, IngressBatch, ReplicaHello, Submission
 from equinox_ray.telemetry.config import TelemetryConfig
 from equinox_ray.telemetry.metrics import FairnessMetrics
@@ -43,7 +44,7 @@ EQUINOX = ("equinox.user", "equinox.user.weight", "equinox.policy", "equinox.cou
 def controller_config(users=("alice",), **telemetry) -> AppConfig:
     return AppConfig.model_validate({
         "model": {"name": "llama-sim", "tokenizer": None},
-        "users": [{"name": u, "api_key": f"sk-{u}-key-0000", "weight": 2.0 if u == "alice" else 1.0} for u in users],
+        "users": [{"name": u, "key": {"sha256": digest(f"sk-{u}-key-0000")}, "weight": 2.0 if u == "alice" else 1.0} for u in users],
         "policy": {"name": "equinox", "predictor": "moving-average"},
         "pools": [{"name": "h100", "gpu_type": "H100", "engine": "sim", "sim": {"gpu": "H100", "time_scale": 20.0},
                    "admission": {"max_window": 4, "initial_window": 4}}],

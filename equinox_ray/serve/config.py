@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from equinox_ray.engines.sim_engine import SimEngineConfig
 from equinox_ray.engines.vllm_engine import VLLMEngineConfig
 from equinox_ray.fairness.equinox import EquinoxWeights
+from equinox_ray.serve.keys import KeyRef
 from equinox_ray.telemetry.config import TelemetryConfig
 
 
@@ -19,8 +20,17 @@ class Strict(BaseModel):
 
 class UserConfig(Strict):
     name: str = Field(min_length=1)
-    api_key: str = Field(min_length=8)
+    key: KeyRef = Field(description="the user's API key: its sha256 digest, or an env var or file that holds it")
     weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plain_keys(cls, data):
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError("api_key: keys are not written in the config (Serve stores and shows its args); give "
+                             "key: {sha256: <digest>} (python -m equinox_ray.serve.keys hash KEY), {env: VAR} or "
+                             "{file: PATH}")
+        return data
 
 
 class WeightsConfig(Strict):
@@ -134,7 +144,9 @@ class AppConfig(Strict):
     pools: list[PoolConfig] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
     users: list[UserConfig] = Field(default_factory=list)
-    admin_keys: list[str] = Field(default_factory=list)
+    admin_keys: list[KeyRef] = Field(default_factory=list, description="keys of the admin API (and /metrics)")
+    metrics_keys: list[KeyRef] = Field(default_factory=list, description="keys that may read /metrics too")
+    metrics_public: bool = Field(False, description="serve /metrics without a key (a private scrape network)")
     auth: bool = Field(True, description="False: no keys, the OpenAI `user` field names the user (local demos)")
     limits: LimitsConfig = LimitsConfig()
     report_interval_s: float = Field(0.5, gt=0, le=1.0)
@@ -144,8 +156,9 @@ class AppConfig(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> "AppConfig":
+        keys = [u.key for u in self.users] + self.admin_keys
         for what, names in [("pool", [p.name for p in self.pools]), ("user", [u.name for u in self.users]),
-                            ("api_key", [u.api_key for u in self.users] + self.admin_keys)]:
+                            ("key", [k for k in keys if k.sha256 is not None])]:
             if len(names) != len(set(names)):
                 raise ValueError(f"duplicate {what} in config")
         if self.auth and not self.users:

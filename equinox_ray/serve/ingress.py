@@ -23,6 +23,7 @@ from equinox_ray.engines.types import GenerationRequest, TokenChunk
 from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.errors import Busy
 from equinox_ray.serve.ingress_links import ControllerLink, Inflight, PoolChannels, Refused
+from equinox_ray.serve.keys import digest
 from equinox_ray.serve.openai_protocol import (
     APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, sse, usage,
 )
@@ -73,6 +74,21 @@ async def _parse(request: Request, model):
         raise APIError(400, f"{param}: {first['msg']}", "invalid_request_error", param) from None
 
 
+def _key_table(config: AppConfig) -> dict[str, tuple[str, str]]:
+    """Digest -> (kind, owner) of every configured key, each read where the config says it is; a key that two
+    owners share is refused."""
+    owned = ([(("user", u.name), u.key) for u in config.users] +
+             [(("admin", str(i)), k) for i, k in enumerate(config.admin_keys)] +
+             [(("metrics", str(i)), k) for i, k in enumerate(config.metrics_keys)])
+    table: dict[str, tuple[str, str]] = {}
+    for owner, ref in owned:
+        key_digest = ref.resolve()
+        if key_digest in table:
+            raise ValueError(f"{' '.join(owner)} and {' '.join(table[key_digest])} have the same key")
+        table[key_digest] = owner
+    return table
+
+
 def _engine_failure(chunk: TokenChunk) -> APIError:
     return APIError(503, f"the engine failed: {chunk.error}", "server_error", code="engine_error")
 
@@ -111,9 +127,11 @@ class EquinoxIngress:
         self.controller = controller
         self.name = serve.get_replica_context().replica_id.unique_id
         self.tokenizer = Tokenizer(config.model.tokenizer)
-        self.users = {u.api_key: u.name for u in config.users}
+        keys = _key_table(config)
+        self.users = {key: name for key, (kind, name) in keys.items() if kind == "user"}
+        self.admins = {key for key, (kind, _) in keys.items() if kind == "admin"}
+        self.metrics_readers = self.admins | {key for key, (kind, _) in keys.items() if kind == "metrics"}
         self.weights = {u.name: u.weight for u in config.users}
-        self.admins = set(config.admin_keys)
         self.max_model_len = max(p.max_model_len for p in config.pools)  # the controller picks a pool it fits
         self.model = config.model.name
         self.gpu_types = {p.name: p.gpu_type for p in config.pools}
@@ -134,7 +152,9 @@ class EquinoxIngress:
         return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "equinox-ray"}]}
 
     @api.get("/metrics")
-    async def prometheus(self) -> Response:
+    async def prometheus(self, request: Request) -> Response:
+        if not self.config.metrics_public:
+            self._require(request, self.metrics_readers, "an admin or metrics key is required")
         body, content_type = await self.controller.prometheus.remote()
         return Response(body, media_type=content_type)
 
@@ -145,16 +165,14 @@ class EquinoxIngress:
     @api.get("/v1/fairness")
     async def fairness(self, request: Request) -> dict:
         key = _bearer(request)
-        if key in self.admins:
+        if key is not None and digest(key) in self.admins:
             return await self.controller.snapshot.remote()
         return await self.controller.snapshot.remote(self._user_for_key(key, None))
 
     @api.put("/v1/admin/policy")
     async def set_policy(self, request: Request) -> dict:
         """Admin only: switch policy or tune its weights while the server is idle (409 otherwise)."""
-        if _bearer(request) not in self.admins:
-            raise APIError(403 if _bearer(request) else 401, "an admin key is required", "invalid_request_error",
-                           code="forbidden")
+        self._require(request, self.admins, "an admin key is required")
         try:
             body = PolicyConfig.model_validate(json.loads(await request.body()))
             return {"policy": await self.controller.set_policy.remote(body)}
@@ -184,13 +202,19 @@ class EquinoxIngress:
         return await self._serve(body, user, ids, body.requested_max_tokens, chat=True)
 
     # -- the request path --------------------------------------------------------------------------------------
+    @staticmethod
+    def _require(request: Request, digests: set[str], message: str) -> None:
+        key = _bearer(request)
+        if key is None or digest(key) not in digests:
+            raise APIError(403 if key else 401, message, "invalid_request_error", code="forbidden")
+
     def _user_for_key(self, key: str | None, claimed: str | None) -> str:
         if not self.config.auth:
             return claimed or "anonymous"
         if key is None:
             raise APIError(401, "missing API key: send Authorization: Bearer <key>", "invalid_request_error",
                            code="invalid_api_key")
-        user = self.users.get(key)
+        user = self.users.get(digest(key))
         if user is None:
             raise APIError(401, "invalid API key", "invalid_request_error", code="invalid_api_key")
         return user  # the OpenAI `user` field never overrides the key's identity

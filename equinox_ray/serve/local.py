@@ -11,6 +11,7 @@ from typing import Iterator, Mapping
 import yaml
 
 from equinox_ray.fairness.request import User
+from equinox_ray.serve.keys import digest
 from equinox_ray.serve.paths import PROJECT_ROOT
 
 BASE_URL = "http://127.0.0.1:8000"
@@ -28,7 +29,7 @@ def default_app(users: Mapping[str, User], records_path: Path, key_prefix: str) 
 
     keys = {user: f"{key_prefix}-{i:04d}-key" for i, user in enumerate(sorted(users))}
     config = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
-    config["users"] = [{"name": u, "api_key": keys[u], "weight": users[u].weight} for u in sorted(users)]
+    config["users"] = [{"name": u, "key": {"sha256": digest(keys[u])}, "weight": users[u].weight} for u in sorted(users)]
     config["records_path"] = str(Path(records_path).resolve())
     config["limits"]["max_queue_per_user"] = 4096
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
