@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_DIR := models/tiny-llama
 export RAY_AUTH_MODE ?= disabled
-# The serving path (README): Serve's HAProxy in front of the ingress replicas instead of its Python proxy, and gRPC
-# between deployments. Ray's processes read these when Ray starts. equinox_ray/serve/app.py warns without them.
-FAST_PATH := RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_USE_GRPC_BY_DEFAULT=1
+# The Ray settings the serving path is built for (equinox_ray/serve/ray_env.py says why; keep the two in step).
+FAST_PATH := RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
+	RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0
 
 .PHONY: install model test serve bench clean
 

@@ -3,6 +3,7 @@
     python -m bench suite [--scenario NAME ...] [--smoke]   simulated scenarios: tables and plots in bench/results/
     python -m bench overhead                               scheduling decisions/s of the fairness core
     python -m bench real [--scenario vtc-overload lmsys]   the real Ray Serve + vLLM CPU path, time-scaled
+    python -m bench path [--smoke]                         the serving path's cost against the engine alone
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     real = sub.add_parser("real", help="the real Serve + vLLM CPU path")
     real.add_argument("--scenario", nargs="+", choices=["vtc-overload", "lmsys"], default=["vtc-overload", "lmsys"])
     real.add_argument("--out", type=Path, default=RESULTS)
+    path = sub.add_parser("path", help="the serving path's CPU, throughput and latency")
+    path.add_argument("--smoke", action="store_true", help="short loads, under 2 minutes")
+    path.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.command == "suite":
         args.out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
             print(path.read_text())
             print(f"written: {path}", file=sys.stderr)
         print(write_summary(args.out).read_text())
+    elif args.command == "path":
+        from bench.path import main as path_main
+
+        path_main(args.smoke, args.out)
     elif args.command == "overhead":
         from bench.decisions import main as overhead
 

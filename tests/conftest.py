@@ -1,10 +1,11 @@
 import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# The serving path as deployed (README): HAProxy in front of the ingress replicas, gRPC between deployments. Set
-# before any test starts Ray, whose processes read them at start. Replicas drain for half a second, not 30 s.
-os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-os.environ.setdefault("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")
+# The serving path as deployed (ray_env.py), set before any test starts Ray, whose processes read it at start.
+# Ingress replicas drain for half a second, not 30 s.
+from equinox_ray.serve.ray_env import use_fast_path  # noqa: E402
+
+use_fast_path()
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0.5")
 
 import shutil  # noqa: E402

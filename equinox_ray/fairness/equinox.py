@@ -107,7 +107,7 @@ class Equinox(VTC):
         if self.dispatch == "least_loaded":
             pool = least_loaded(candidates)
             return pool, self.predict(request, pool)
-        predictions = self._predict_each(request, candidates)
+        predictions = self.predictions(request, candidates)
         if self.dispatch == "cost":
             meeting = [p for p in candidates if self.e2e_slo_s is None or predictions[p.name].e2e_s <= self.e2e_slo_s]
             if meeting:
@@ -115,16 +115,6 @@ class Equinox(VTC):
                 return pool, predictions[pool.name]
         pool = best_by(candidates, lambda p: predictions[p.name].e2e_s)
         return pool, predictions[pool.name]
-
-    def _predict_each(self, request: Request, candidates: Sequence[PoolView]) -> dict[str, Prediction]:
-        """One prediction per candidate pool, in one batch when the predictor has a batch API (MoPE: one call into
-        the experts instead of one per pool)."""
-        batch = getattr(self.predictor, "predict_batch", None)
-        if batch is not None:
-            predictions = batch([(request, pool) for pool in candidates])
-        else:
-            predictions = [self.predictor.predict(request, pool) for pool in candidates]
-        return {pool.name: prediction for pool, prediction in zip(candidates, predictions)}
 
     def on_admit(self, request: Request, pool: PoolView, prediction: Prediction | None, now: float) -> None:
         super().on_admit(request, pool, prediction, now)

@@ -65,6 +65,12 @@ class Policy:
     def on_finish(self, request: Request, outcome: Outcome, now: float) -> None:
         pass
 
+    def on_cancel(self, request: Request) -> None:
+        pass
+
+    def prepare(self, requests: Sequence[Request], pools: Sequence[PoolView]) -> None:
+        """Newly queued requests, all at once: a policy that predicts does it here, in one batch."""
+
     # -- users ----------------------------------------------------------------------------------------------
     def add_user(self, user: User) -> None:
         """Register a user, or change its weight (it applies to charges from now on)."""
@@ -132,6 +138,7 @@ class Policy:
         request = self.queues.remove(request_id)
         if request is not None:
             self._dirty.add(request.user)
+            self.on_cancel(request)
         return request
 
     # -- views ----------------------------------------------------------------------------------------------

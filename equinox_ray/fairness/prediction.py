@@ -53,10 +53,28 @@ class Outcome:
 class Predictor(Protocol):
     def predict(self, request: Request, pool: PoolView) -> Prediction: ...
 
+    def predict_batch(self, items: list[tuple[Request, PoolView]]) -> list[Prediction]: ...
+
     def observe(self, outcome: Outcome) -> None: ...
 
+    def forget(self, request_id: str) -> None:
+        """The request will never run: drop whatever was kept for it."""
 
-class ZeroOutputPredictor:
+
+class _OneByOne:
+    """A predictor whose batch is its single predictions in turn, and that keeps nothing per request."""
+
+    def predict(self, request: Request, pool: PoolView) -> Prediction:
+        raise NotImplementedError
+
+    def predict_batch(self, items: list[tuple[Request, PoolView]]) -> list[Prediction]:
+        return [self.predict(request, pool) for request, pool in items]
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+
+class ZeroOutputPredictor(_OneByOne):
     """Predicts no output at all: VTC charged through the predicted-length path behaves exactly like plain VTC."""
 
     def predict(self, request: Request, pool: PoolView) -> Prediction:
@@ -66,7 +84,7 @@ class ZeroOutputPredictor:
         pass
 
 
-class MovingAveragePredictor:
+class MovingAveragePredictor(_OneByOne):
     """The documented fallback: VTC_predict's per-user moving average of output lengths, plus pool-profile latency.
 
     Output tokens follow the VTC artifact (`pred = (pred * (w - 1) + actual) / w`, w = 5; the first prediction is 0,

@@ -40,6 +40,7 @@ class VTC(Policy):
         self.predictor = predictor
         self.served: dict[str, float] = defaultdict(float)
         self._prepaid_output: dict[str, float] = {}
+        self._predicted: dict[str, dict[str, Prediction]] = {}  # request id -> pool -> prediction, until its grant
         if predictor is not None:
             self.name = "vtc-predict"
 
@@ -57,14 +58,38 @@ class VTC(Policy):
     def lift(self, user: str, floor: float) -> None:
         self.served[user] = max(self.served[user], floor)
 
+    def prepare(self, requests: Sequence[Request], pools: Sequence[PoolView]) -> None:
+        """Predict each new request on every pool whose context it fits, in one batch (one call into the experts
+        for a whole controller update). The grant uses these predictions, made when the request was queued."""
+        if self.predictor is None:
+            return
+        items = [(r, p) for r in requests for p in pools if r.kv_demand <= p.max_request_tokens]
+        for (request, pool), prediction in zip(items, self.predictor.predict_batch(items)):
+            self._predicted.setdefault(request.id, {})[pool.name] = prediction
+
+    def predictions(self, request: Request, pools: Sequence[PoolView]) -> dict[str, Prediction]:
+        """The request's prediction on each pool: the one made when it was queued, else a new one (one batch)."""
+        known = self._predicted.setdefault(request.id, {})
+        missing = [p for p in pools if p.name not in known]
+        if missing:
+            for pool, prediction in zip(missing, self.predictor.predict_batch([(request, p) for p in missing])):
+                known[pool.name] = prediction
+        return {p.name: known[p.name] for p in pools}
+
     def predict(self, request: Request, pool: PoolView) -> Prediction | None:
-        return None if self.predictor is None else self.predictor.predict(request, pool)
+        return None if self.predictor is None else self.predictions(request, [pool])[pool.name]
 
     def choose_pool(self, request: Request, candidates: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:
         pool = least_loaded(candidates)
         return pool, self.predict(request, pool)
 
+    def on_cancel(self, request: Request) -> None:
+        self._predicted.pop(request.id, None)
+        if self.predictor is not None:
+            self.predictor.forget(request.id)
+
     def on_admit(self, request: Request, pool: PoolView, prediction: Prediction | None, now: float) -> None:
+        self._predicted.pop(request.id, None)
         prepaid = 0.0 if prediction is None else min(float(request.max_tokens), max(0.0, prediction.output_tokens))
         self._prepaid_output[request.id] = prepaid
         cost = self.input_weight * request.prompt_tokens + self.output_weight * prepaid

@@ -88,15 +88,16 @@ class MoPE:
             self.fallbacks += len(items)
             return [self.fallback.predict(request, pool) for request, pool in items]
         out = []
+        columns = {target: values.tolist() for target, values in raw.items()}  # Python floats: no numpy per item
         for i, (request, pool) in enumerate(items):
             user_fix = self.output_ratio.get(request.user, 1.0)
             pool_fix = self.latency_ratio.get(pool.name, 1.0)
-            output = float(np.clip(raw["output_tokens"][i] * user_fix, 1.0, request.max_tokens))
-            ttft = max(float(raw["ttft_s"][i]) * pool_fix, 0.0)
+            output = _clip(columns["output_tokens"][i] * user_fix, 1.0, request.max_tokens)
+            ttft = max(columns["ttft_s"][i] * pool_fix, 0.0)
             prediction = Prediction(
-                output_tokens=output, ttft_s=ttft, e2e_s=max(float(raw["e2e_s"][i]) * pool_fix, ttft),
-                throughput_tps=max(float(raw["throughput_tps"][i]), 1.0),
-                utilization=float(np.clip(raw["utilization"][i], 0.0, 1.0)),
+                output_tokens=output, ttft_s=ttft, e2e_s=max(columns["e2e_s"][i] * pool_fix, ttft),
+                throughput_tps=max(columns["throughput_tps"][i], 1.0),
+                utilization=_clip(columns["utilization"][i], 0.0, 1.0),
                 source=f"mope:{band_of(request.prompt_tokens)}")
             self._pending.setdefault(request.id, {})[pool.name] = (X[i], prediction)
             out.append(prediction)
@@ -107,7 +108,7 @@ class MoPE:
     def _correct(ratios: dict[str, float], key: str, measured: float, predicted: float) -> None:
         if predicted <= 0:
             return
-        ratio = float(np.clip(measured / predicted, 0.2, 5.0))
+        ratio = _clip(measured / predicted, 0.2, 5.0)
         old = ratios.get(key, 1.0)
         ratios[key] = old + CORRECTION_SMOOTHING * (ratio - old)
 
@@ -140,3 +141,7 @@ class MoPE:
         thread.start()
         self._refit_thread = thread
         return thread
+
+
+def _clip(value: float, low: float, high: float) -> float:
+    return float(min(max(value, low), high))

@@ -7,18 +7,17 @@ the pydantic class itself, not a string."""
 
 
 import logging
-import os
 
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from equinox_ray.serve import ray_env
 from equinox_ray.serve.config import AppConfig, IngressConfig, PoolConfig
 from equinox_ray.serve.controller_deployment import ControllerDeployment
 from equinox_ray.serve.ingress import EquinoxIngress
 from equinox_ray.serve.pool import PoolReplica
 
 log = logging.getLogger("ray.serve")
-FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
 
 
 def autoscaling_options(a, policy_function: str | None = None) -> dict:
@@ -60,11 +59,10 @@ def ingress_options(ingress: IngressConfig) -> dict:
 
 
 def build(config: AppConfig) -> Application:
-    missing = [name for name, value in FAST_PATH_ENV.items() if os.environ.get(name) != value]
-    if missing:
+    if ray_env.missing():
         log.warning("%s not set when Ray started: Serve's Python proxy and Ray's object transport carry every "
-                    "request, several times slower than HAProxy and gRPC (README, 'The serving path')",
-                    ", ".join(f"{name}={FAST_PATH_ENV[name]}" for name in missing))
+                    "request, several times slower than HAProxy and gRPC (equinox_ray/serve/ray_env.py)",
+                    " ".join(ray_env.missing()))
     controller = ControllerDeployment.bind(config)
     pools = {p.name: PoolReplica.options(**pool_options(p)).bind(p, controller, config.report_interval_s,
                                                                  config.telemetry)

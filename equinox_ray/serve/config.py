@@ -94,7 +94,7 @@ class PoolConfig(Strict):
     num_cpus: float = Field(1, ge=0)
     cost_weight: float = Field(1.0, gt=0, description="relative price of a busy-second on this pool")
     stream_interval_ms: float = Field(
-        20.0, ge=0, description="a replica sends each ingress replica the tokens of all its requests once per "
+        50.0, ge=0, description="a replica sends each ingress replica the tokens of all its requests once per "
                                 "interval (a request's first token and last chunk at once); 0: every engine step")
     admission: AdmissionConfig = AdmissionConfig()
     autoscaling: AutoscalingConfig = AutoscalingConfig()

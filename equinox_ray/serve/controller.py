@@ -148,8 +148,9 @@ class FairnessController:
 
     # -- from the ingress replicas ----------------------------------------------------------------------------
     def apply(self, batch: IngressBatch) -> None:
-        for submission in batch.submissions:
-            self._submit(batch.ingress, submission)
+        queued = [request for s in batch.submissions if (request := self._submit(batch.ingress, s)) is not None]
+        if queued:
+            self.policy.prepare(queued, [p.view() for p in self.pools.values()])
         for request_id, tokens in batch.progress.items():
             self.policy.on_tokens(request_id, tokens)
         for finished in batch.finished:
@@ -158,24 +159,25 @@ class FairnessController:
             self.withdraw(request_id)
         self._dispatch()
 
-    def _submit(self, ingress: str, submission: Submission) -> None:
+    def _submit(self, ingress: str, submission: Submission) -> Request | None:
         user, generation = submission.user, submission.generation
         if user not in self.policy.users:
             if self.config.auth:  # the ingress authenticated the key; a user removed since then is refused
                 self.to_ingress.put(ingress, Refusal(generation.id, f"unknown user {user!r}", 0.0))
-                return
+                return None
             self.policy.add_user(User(user))  # auth off: demo users appear as they come
         limit = self.config.limits.max_queue_per_user
         if self.policy.queue_length(user) >= limit:
             self.stats[user].rejected += 1
             self.to_ingress.put(ingress, Refusal(generation.id, f"user {user!r} has {limit} requests waiting",
                                                  self.config.limits.retry_after_s))
-            return
+            return None
         prompt_tokens = len(generation.prompt_token_ids)
         request = Request(generation.id, user, self.now(), prompt_tokens, generation.max_tokens)
         self.tracked[request.id] = Tracked(request, Dispatch(generation, ingress))
         self.policy.submit(request, self.now())
         self.stats[user].submitted += 1
+        return request
 
     def finish(self, finished: Finished) -> None:
         """A granted request ended: correct the counters with what its engine measured, free its slot."""
@@ -226,9 +228,6 @@ class FairnessController:
         del self.tracked[request_id]
         self.policy.cancel(request_id)
         self.stats[tracked.request.user].cancelled += 1
-        forget = getattr(getattr(self.policy, "predictor", None), "forget", None)
-        if forget is not None:  # the predictions made while it waited (pool choices for the backlog)
-            forget(request_id)
 
     def ingress_gone(self, ingress: str) -> None:
         """An ingress replica's grant stream closed: its clients are gone with it."""

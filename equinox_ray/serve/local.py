@@ -12,6 +12,7 @@ import yaml
 
 from equinox_ray.fairness.request import User
 from equinox_ray.serve.keys import digest
+from equinox_ray.serve.ray_env import use_fast_path
 from equinox_ray.serve.paths import PROJECT_ROOT
 
 BASE_URL = "http://127.0.0.1:8000"
@@ -21,6 +22,7 @@ BASE_URL = "http://127.0.0.1:8000"
 def default_app(users: Mapping[str, User], records_path: Path, key_prefix: str) -> Iterator[dict[str, str]]:
     """Serve the default app for these users while the block runs; yields each user's API key."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    use_fast_path()
     import ray
     from ray import serve
 
