@@ -2,6 +2,7 @@
 in its own deployment, controller_deployment.py)."""
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from equinox_ray.engines.types import EngineStats, GenerationRequest, Usage
 from equinox_ray.engines.replica import ReplicaReport
@@ -243,3 +244,74 @@ def test_the_serving_path_writes_completion_records_that_training_reads(tmp_path
     assert all(r["output_tokens"] == 15 and r["gpu"] in ("H100", "L4") for r in rows)
     predictor = ctl.policy.predictor
     assert type(predictor).__name__ == "MoPE" and predictor.experts  # the shipped models were loaded
+
+
+LONG = st.lists(st.tuples(st.integers(1, 60), st.integers(20, 200)), min_size=10, max_size=25)
+
+
+def gap_with_chunked_progress(policy: str, requests: list[tuple[str, int, int]], chunk: int) -> tuple[float, float]:
+    """(the largest service gap while both users stay backlogged, VTC's bound for this workload)."""
+    window = 4
+    cfg = config(name=policy).model_copy(update={"limits": config().limits.model_copy(
+        update={"max_queue_per_user": 1000})})
+    cfg.pools[1].admission.max_window = window
+    ctl = controller(cfg, replicas=(("l4", "l0"),))
+    ctl.pools["l4"].replicas["l0"].window = window
+    truth = {}
+    for i, (user, prompt, output) in enumerate(requests):
+        truth[f"r{i}"] = output
+        submit(ctl, f"r{i}", user, prompt, output)
+    running: dict[str, list] = {}  # id -> [user, generated, unreported]
+    served = {"a": [], "b": []}
+    total = {"a": 0.0, "b": 0.0}
+    backlogged = []
+    for step in range(20_000):
+        for grant in grants(ctl).values():
+            user = ctl.tracked[grant.request_id].request.user
+            total[user] += ctl.tracked[grant.request_id].request.prompt_tokens
+            running[grant.request_id] = [user, 0, 0]
+        for entry in running.values():
+            entry[1] += 1
+            entry[2] += 1
+            total[entry[0]] += 2
+        done = [rid for rid, e in running.items() if e[1] >= truth[rid]]
+        if step % chunk == 0 or done:
+            progress = {rid: e[2] for rid, e in running.items() if e[2] and rid not in done}
+            finished = [Finished(rid, Usage(1, running[rid][1], 0.1, 0.5, 0.1), running[rid][1], False) for rid in done]
+            for rid in progress:
+                running[rid][2] = 0
+            for rid in done:
+                del running[rid]
+            ctl.apply(IngressBatch("i0", progress=progress, finished=finished))
+        for user in ("a", "b"):
+            served[user].append(total[user])
+        backlogged.append(ctl.policy.queue_length("a") > 0 and ctl.policy.queue_length("b") > 0)
+        if not running and not ctl.policy.queue_length("a") and not ctl.policy.queue_length("b"):
+            break
+    worst, start = 0.0, None
+    for t, on in enumerate(backlogged + [False]):
+        if on and start is None:
+            start = t
+        elif not on and start is not None:
+            diff = [served["a"][s] - served["b"][s] for s in range(start, t)]
+            worst, start = max(worst, max(diff) - min(diff)), None
+    longest_input = max(p for _, p, _ in requests)
+    most_in_batch = window * max(p + o for _, p, o in requests)
+    return worst, 2 * max(longest_input, 2 * most_in_batch)
+
+
+@settings(max_examples=25, deadline=None)
+@given(LONG, LONG, st.integers(1, 12))
+def test_vtc_gap_stays_within_its_bound_when_tokens_are_reported_in_chunks(a, b, chunk):
+    """The ingress reports tokens once per channel message, not one by one: charges lag by up to `chunk` steps.
+    User a floods long requests, then b does; while both stay backlogged their service gap stays within VTC's
+    bound 2 * max(w_in * L_input, w_out * M), M the most tokens a batch holds."""
+    requests = [("a", *r) for r in a] + [("b", *r) for r in b]
+    worst, bound = gap_with_chunked_progress("vtc", requests, chunk)
+    assert worst <= bound
+
+
+def test_the_chunked_gap_bound_is_not_vacuous_fcfs_breaks_it():
+    requests = [("a", 30, 150)] * 20 + [("b", 30, 150)] * 20
+    worst, bound = gap_with_chunked_progress("fcfs", requests, chunk=8)
+    assert worst > bound

@@ -1,4 +1,5 @@
-"""The Serve application on deploy/equinox.yaml's settings: real Ray Serve, real vLLM (CPU), the openai client."""
+"""The Serve application on deploy/equinox.yaml's settings with two ingress replicas behind Serve's HAProxy: real Ray
+Serve, real vLLM (CPU), the openai client."""
 
 import asyncio
 import json
@@ -27,6 +28,7 @@ def app():
     args = app_args("equinox.yaml")
     args["pools"][0]["admission"] = {"max_window": 4, "initial_window": 4}  # small, so queues form in the controller
     args["limits"]["max_queue_per_user"] = 24
+    args["ingress"] = {"num_replicas": 2}
     args["telemetry"] = {"exporter": "jsonl", "jsonl_path": str(SPANS)}
     ray.init(num_cpus=2, include_dashboard=False)
     serve.run(build(AppConfig.model_validate(args)), name="equinox", route_prefix="/")
@@ -61,6 +63,36 @@ def test_three_users_stream_and_not_with_usage_matching_what_was_served(app):
         u[n]["finished"] - before[n]["finished"] == 4 for n in ("alice", "bob", "carol")) and u)
     for name in ("alice", "bob", "carol"):  # the controller was told exactly what the engine produced
         assert after[name]["output_tokens"] - before[name]["output_tokens"] == 12 + 7 + 5 + 3
+
+
+def test_both_ingress_replicas_serve_and_the_controller_counts_the_usage_of_both(app):
+    """HAProxy spreads connections over the two ingress replicas; one controller charges what both served."""
+    before = fairness(ADMIN)
+    served = 0
+    for i in range(12):  # a new client, hence a new connection, each time
+        done = client((ALICE, BOB)[i % 2]).completions.create(model=MODEL, prompt="ka lo", max_tokens=3 + i % 5,
+                                                              extra_body={"ignore_eos": True})
+        served += done.usage.completion_tokens
+    after = wait_until(lambda: (f := fairness(ADMIN)) and sum(
+        f["users"][n]["finished"] - before["users"][n]["finished"] for n in ("alice", "bob")) == 12 and f)
+    assert sum(after["users"][n]["output_tokens"] - before["users"][n]["output_tokens"]
+               for n in ("alice", "bob")) == served
+    grew = [name for name, row in after["ingress"].items()
+            if row["submitted"] > before["ingress"].get(name, {"submitted": 0})["submitted"]]
+    assert len(grew) == 2, after["ingress"]
+
+
+def test_a_coalesced_stream_has_every_token_in_order_and_the_text_of_the_unary_answer(app):
+    body = dict(model=MODEL, prompt="ka lo mi ne fin dor", max_tokens=40, temperature=0, seed=11,
+                extra_body={"ignore_eos": True})
+    whole = client(CAROL).completions.create(**body)
+    chunks = list(client(CAROL).completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text and len(text) > 0
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 40
+    events = [c for c in chunks if c.choices]
+    assert 1 < len(events) <= 40  # tokens come several to an event once the stream has started
+    assert events[-1].choices[0].finish_reason == "length"
 
 
 def test_models_and_health(app):
@@ -124,17 +156,23 @@ def test_fairness_view_shows_a_user_their_own_row_and_an_admin_all(app):
     assert httpx.get(f"{BASE}/v1/fairness").status_code == 401
 
 
-def test_a_client_disconnect_aborts_the_request_and_frees_its_slot(app):
-    before = fairness(ADMIN)["users"]["carol"]
-    with httpx.stream("POST", f"{BASE}/v1/completions", headers=auth(CAROL), timeout=30,
-                      json={"model": MODEL, "prompt": "ka lo", "max_tokens": 900, "stream": True,
-                            "ignore_eos": True}) as r:
-        lines = r.iter_lines()
-        for _ in range(6):
-            next(lines)
-    row = wait_until(lambda: (u := fairness(ADMIN)["users"]["carol"])["cancelled"] > before["cancelled"] and u)
+def test_a_client_disconnect_aborts_the_request_and_frees_its_slot_on_either_ingress(app):
+    before = fairness(ADMIN)
+    for _ in range(4):  # four connections: HAProxy sends them to both ingress replicas
+        with httpx.stream("POST", f"{BASE}/v1/completions", headers=auth(CAROL), timeout=30,
+                          json={"model": MODEL, "prompt": "ka lo", "max_tokens": 900, "stream": True,
+                                "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+    after = wait_until(lambda: (f := fairness(ADMIN))["users"]["carol"]["cancelled"] ==
+                       before["users"]["carol"]["cancelled"] + 4 and f)
+    row = after["users"]["carol"]
     assert row["running"] == 0
-    assert row["output_tokens"] - before["output_tokens"] < 900  # only what was served is counted
+    assert row["output_tokens"] - before["users"]["carol"]["output_tokens"] < 4 * 900  # only what was served
+    grew = {name: row["submitted"] - before["ingress"].get(name, {"submitted": 0})["submitted"]
+            for name, row in after["ingress"].items()}
+    assert sorted(grew.values()) == [2, 2]  # two on each ingress replica
     wait_until(lambda: fairness(ADMIN)["pools"]["cpu"]["running"] == 0)
 
 

@@ -39,7 +39,7 @@ class Usage:
     busy_seconds: float  # the request's share of engine busy time
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class TokenChunk:
     request_id: str
     token_ids: list[int]

@@ -134,6 +134,7 @@ class FairnessController:
         self.pools = {p.name: PoolState(p) for p in config.pools}
         self.stats: dict[str, UserStats] = defaultdict(UserStats)
         self.tracked: dict[str, Tracked] = {}
+        self.submitted_by_ingress: dict[str, int] = defaultdict(int)
         self.to_ingress = Mailboxes()
         self.to_replica = Mailboxes()
         self.service_window = SlidingService(JAIN_WINDOW_S)
@@ -177,6 +178,7 @@ class FairnessController:
         self.tracked[request.id] = Tracked(request, Dispatch(generation, ingress))
         self.policy.submit(request, self.now())
         self.stats[user].submitted += 1
+        self.submitted_by_ingress[ingress] += 1
         return request
 
     def finish(self, finished: Finished) -> None:
@@ -200,7 +202,7 @@ class FairnessController:
         s = self.stats[request.user]
         s.output_tokens += output
         s.prompt_tokens += request.prompt_tokens
-        accounting_span(self.tracer, tracked.dispatch.generation.trace_context, {
+        accounting_span(self.tracer, tracked.dispatch.generation.trace_context, lambda: {
             "equinox.request_id": request.id, "equinox.user": request.user, "equinox.pool": request.pool,
             "equinox.cancelled": finished.cancelled, "equinox.measured.output_tokens": output,
             "equinox.measured.busy_seconds": busy,
@@ -232,6 +234,7 @@ class FairnessController:
     def ingress_gone(self, ingress: str) -> None:
         """An ingress replica's grant stream closed: its clients are gone with it."""
         self.to_ingress.drop(ingress)
+        self.submitted_by_ingress.pop(ingress, None)
         for request_id, tracked in list(self.tracked.items()):
             if tracked.dispatch.ingress != ingress:
                 continue
@@ -287,8 +290,9 @@ class FairnessController:
 
     # -- dispatch ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
+        views = {name: p.view() for name, p in self.pools.items()}  # only the granted pool's changes per grant
         while True:
-            decision = self.policy.schedule([p.view() for p in self.pools.values()], self.now())
+            decision = self.policy.schedule(list(views.values()), self.now())
             if decision is None:
                 return
             request = decision.request
@@ -307,6 +311,7 @@ class FairnessController:
                                                tracked.granted_at - request.arrival, decision.score,
                                                decision.counters_before, decision.counters_after,
                                                decision.prediction))
+            views[decision.pool] = pool.view()
 
     # -- views ------------------------------------------------------------------------------------------------
     def backlog(self) -> dict[str, int]:
@@ -354,6 +359,7 @@ class FairnessController:
                         "replicas_detail": {name: _replica_detail(r) for name, r in p.replicas.items()}}
                  for name, p in self.pools.items()}
         return {"policy": self.policy.name, "time_s": self.now(), "users": rows, "pools": pools,
+                "ingress": {name: {"submitted": n} for name, n in self.submitted_by_ingress.items()},
                 "jain": self.jain(), "jain_window_s": JAIN_WINDOW_S, "predictor": self.predictor_status()}
 
     def policy_service(self, prompt_tokens: int, output_tokens: int) -> float:

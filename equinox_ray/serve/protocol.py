@@ -20,7 +20,7 @@ from equinox_ray.engines.types import GenerationRequest, Usage
 from equinox_ray.fairness.prediction import Prediction
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Submission:
     """A request the ingress validated and tokenized; the controller queues it under its user."""
 
@@ -32,7 +32,7 @@ class Submission:
         return self.generation.id
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Finished:
     """What a granted request was served, measured by its engine; `usage` is None when no engine report came back
     (the replica died), and `served_tokens` then counts what reached the ingress."""
@@ -43,7 +43,7 @@ class Finished:
     cancelled: bool
 
 
-@dataclass(slots=True)
+@dataclass
 class IngressBatch:
     """Everything one ingress replica has to tell the controller since its last call."""
 
@@ -57,7 +57,7 @@ class IngressBatch:
         return bool(self.submissions or self.progress or self.finished or self.withdrawn)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Grant:
     """The controller's decision: the request runs now, on this replica of this pool."""
 
@@ -71,7 +71,7 @@ class Grant:
     prediction: Prediction | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Refusal:
     """The controller would not queue the request (the user's queue is full); the ingress answers 429."""
 
@@ -80,7 +80,7 @@ class Refusal:
     retry_after_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Dispatch:
     """Start this generation on the receiving pool replica; its tokens go to this ingress replica's channel."""
 
@@ -88,18 +88,18 @@ class Dispatch:
     ingress: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Abort:
     request_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Drain:
     """Serve is stopping the receiving replica: it takes no more work; it ends its channels once their requests
     are done, so that Serve can stop it without cutting a stream."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ReplicaHello:
     """A pool replica opening its work stream: the controller may grant to it from now on."""
 
@@ -108,7 +108,7 @@ class ReplicaHello:
     window: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ReportAnswer:
     """The controller's answer to a replica report: the pool's backlog, the autoscaler's signal."""
 

@@ -16,7 +16,7 @@ Attribute names are string literals: the GenAI semantic conventions where they a
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
@@ -116,9 +116,12 @@ class RequestTrace:
         self.root.end()
 
 
-def accounting_span(tracer: trace.Tracer, carrier: dict | None, attributes: dict) -> None:
-    """The controller's side: one span per finished request with what it was charged and the counters after."""
-    span = tracer.start_span("equinox.accounting", context=extract(carrier or {}), attributes=attributes)
+def accounting_span(tracer: trace.Tracer, carrier: dict | None, attributes: Callable[[], dict]) -> None:
+    """The controller's side: one span per finished request with what it was charged and the counters after.
+    The attributes are built only for a span that records (tracing on, trace sampled)."""
+    span = tracer.start_span("equinox.accounting", context=extract(carrier or {}))
+    if span.is_recording():
+        span.set_attributes(attributes())
     span.end()
 
 
