@@ -1,128 +1,224 @@
-"""The fairness path's cost: the same vLLM CPU replica configuration behind (a) the full application, ingress +
-controller, and (b) a bare forwarding ingress with no auth, queueing or counters. Both are deployed side by side
-and measured in alternation (A, B, A, B, ...), so drift on the machine hits both alike. Prints the added median and
-p99 latency per request (one client, short requests) and throughput at saturation as a ratio (each path alone).
+"""The serving path against the real peer: vLLM's own OpenAI server on the same tiny model and engine settings,
+next to the full application as deploy/equinox.yaml configures it and the bare forwarding ingress (bench/forwarding.py). Each runs alone on the machine in turn (three vLLM
+engines side by side on 2 cores slow each other: an engine's OpenMP threads spin after each step), and the rounds
+alternate (A, B, C, A, B, C), so drift on the machine hits each alike. Ray is not running while vLLM is measured.
 
-    python -m bench.fairness_overhead [--requests 200] [--clients 32]
+    python -m bench.fairness_overhead [--seconds 20] [--rounds 3] [--clients 64]
+
+Saturation: `clients` closed-loop streaming clients, prompts of 64 random token ids, 32 output tokens
+(`ignore_eos`), as `vllm bench serve --dataset-name random --random-input-len 64 --random-output-len 32` sends.
+Light load: one client, 4-token requests, alternating. CPU is counted in every process of each path (for vLLM,
+its API server and its engine core; for ours, HAProxy, the ingress, the controller and the pool replica with its
+engine core). Writes bench/results/fairness_overhead.md and .json; `python -m bench path` quotes the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import random
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
-import ray
+import psutil
 import yaml
-from fastapi import FastAPI, Request
-from ray import serve
 
-from equinox_ray.engines.types import GenerationRequest
-from equinox_ray.serve.app import build, pool_options
-from equinox_ray.serve.config import AppConfig
-from equinox_ray.serve.pool import PoolReplica
+from bench import cpu
+from bench.load import Load, one, run
 from equinox_ray.serve.paths import PROJECT_ROOT
 
-direct_api = FastAPI()
+RESULTS = Path(__file__).parent / "results"
 KEY = "sk-alice-demo-key"
+VLLM_PORT = 8100
 
 
-@serve.deployment(max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
-@serve.ingress(direct_api)
-class DirectIngress:
-    """Straight to the pool: tokens in, tokens out, nothing else."""
-
-    def __init__(self, pool) -> None:
-        self.pool = pool
-
-    @direct_api.post("/v1/completions")
-    async def completions(self, request: Request) -> dict:
-        body = await request.json()
-        generation = GenerationRequest(os.urandom(8).hex(), body["max_tokens"], prompt_token_ids=body["prompt"],
-                                       ignore_eos=True)
-        n = 0
-        async for chunk in self.pool.options(stream=True).generate.remote(generation):
-            n += len(chunk.token_ids)
-        return {"usage": {"completion_tokens": n}}
-
-
-def config(predictor: str = "mope") -> AppConfig:
+def equinox_args() -> dict:
     args = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
-    args["policy"]["predictor"] = predictor
-    args["pools"][0]["admission"] = {"max_window": 32, "initial_window": 32}
     args["limits"]["max_queue_per_user"] = 4096
-    return AppConfig.model_validate(args)
+    args["telemetry"] = {"exporter": "none"}
+    return args
 
 
-async def one(http: httpx.AsyncClient, prefix: str, max_tokens: int) -> int:
-    r = await http.post(f"http://127.0.0.1:8000{prefix}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                        json={"model": "tiny-llama", "prompt": list(range(3, 35)), "max_tokens": max_tokens,
-                              "ignore_eos": True})
-    r.raise_for_status()
-    return r.json()["usage"]["completion_tokens"]
+def start_vllm(engine: dict, log: Path) -> subprocess.Popen:
+    """vLLM's own OpenAI server with the pool's engine settings."""
+    model = str(PROJECT_ROOT / engine["model"])
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--served-model-name", "tiny-llama", "--host", "127.0.0.1", "--port", str(VLLM_PORT),
+               "--max-model-len", str(engine["max_model_len"]), "--max-num-seqs", str(engine["max_num_seqs"]),
+               "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]), "--enforce-eager",
+               "--dtype", "bfloat16", "--scheduling-policy", "priority",
+               "--kv-cache-memory-bytes", str(engine["kv_cache_memory_bytes"])]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, engine["kv_cache_memory_bytes"] // 1024**3))}
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
 
 
-async def alternating(n: int, max_tokens: int) -> dict[str, np.ndarray]:
-    times = {"/direct": [], "": []}
-    async with httpx.AsyncClient(timeout=60) as http:
-        for i in range(2 * n):
-            prefix = "/direct" if i % 2 == 0 else ""
-            start = time.perf_counter()
-            await one(http, prefix, max_tokens)
-            times[prefix].append(time.perf_counter() - start)
-    return {k: np.array(v) for k, v in times.items()}
+def wait_for(url: str, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"{url} did not come up")
 
 
-async def saturated(prefix: str, clients: int, per_client: int, max_tokens: int) -> float:
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as http:
-        async def client() -> int:
-            return sum([await one(http, prefix, max_tokens) for _ in range(per_client)])
+def vllm_processes(server: subprocess.Popen) -> list[psutil.Process]:
+    parent = psutil.Process(server.pid)
+    return [parent, *parent.children(recursive=True)]
 
-        start = time.perf_counter()
-        total = sum(await asyncio.gather(*(client() for _ in range(clients))))
-        return total / (time.perf_counter() - start)
+
+def cpu_of(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in processes:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure(path: str, load: Load, clients: int, seconds: float, vllm: list[psutil.Process]) -> dict:
+    """One saturating load on one path, with the CPU of every process the path has."""
+    asyncio.run(run(load, clients, seconds=3.0))  # warm
+    app = {"equinox": "equinox", "forwarding": "fwd"}.get(path)
+    before, vllm_before = cpu.snapshot(app), cpu_of(vllm)
+    summary = asyncio.run(run(load, clients, seconds=seconds))
+    spent = cpu.spent(before, cpu.snapshot(app))
+    server_s = cpu_of(vllm) - vllm_before if path == "vllm" else sum(spent[k] for k in cpu.SERVER_KINDS)
+    row = summary.row()
+    per_token = {kind: 1e6 * spent[kind] / max(row["tokens"], 1) for kind in cpu.KINDS}
+    return {**row, "server_cpu_s": server_s, "client_cpu_s": spent["client"], "ray_cpu_s": spent["ray"],
+            "server_us_per_token": 1e6 * server_s / max(row["tokens"], 1), "us_per_token_by_kind": per_token}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--max-tokens", type=int, default=4)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--per-client", type=int, default=8)
-    parser.add_argument("--saturation-tokens", type=int, default=64)
-    parser.add_argument("--predictor", choices=["mope", "moving-average"], default="mope")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--light-requests", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its vLLM server
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    prompt = [rng.randrange(3, 500) for _ in range(64)]
+    loads = {"vllm": Load(f"http://127.0.0.1:{VLLM_PORT}/v1/completions", "tiny-llama", prompt, 32, True),
+             "equinox": Load("http://127.0.0.1:8000/equinox/v1/completions", "tiny-llama", prompt, 32, True, (KEY,)),
+             "forwarding": Load("http://127.0.0.1:8000/fwd/v1/completions", "tiny-llama", prompt, 32, True)}
+    rows: dict[str, list[dict]] = {path: [] for path in loads}
+    light: dict[str, list[float]] = {path: [] for path in loads}
+    for r in range(args.rounds):
+        for path, (saturated, latencies) in [("vllm", run_vllm(loads["vllm"], args)),
+                                             *run_ray_paths({p: loads[p] for p in ("equinox", "forwarding")}, args)]:
+            rows[path].append(saturated)
+            light[path] += latencies
+            print(f"round {r + 1} {path}: {saturated['tokens_per_s']:,.0f} output tokens/s, "
+                  f"{saturated['server_us_per_token']:.0f} µs server CPU per token, light-load p50 "
+                  f"{1000 * np.median(latencies):.1f} ms", flush=True)
+    write(rows, {p: {"p50_ms": 1000 * float(np.median(t)), "p99_ms": 1000 * float(np.percentile(t, 99))}
+                 for p, t in light.items()}, args)
+
+
+def run_vllm(load: Load, args) -> tuple[dict, list[float]]:
+    """vLLM's own server alone on the machine (no Ray running): saturation, then light load."""
+    server = start_vllm(equinox_args()["pools"][0]["vllm"], args.out / "fairness_overhead-vllm.log")
+    try:
+        wait_for(f"http://127.0.0.1:{VLLM_PORT}/health")
+        return measure("vllm", load, args.clients, args.seconds, vllm_processes(server)), \
+            light_latency(load, args.light_requests)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def run_ray_paths(loads: dict[str, Load], args) -> list[tuple[str, tuple[dict, list[float]]]]:
+    """Our two paths, each deployed alone on a fresh Ray cluster in turn."""
+    from equinox_ray.serve.ray_env import use_fast_path
+
+    use_fast_path()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from bench.forwarding import forwarding_app
+    from bench.path import deploy
+    from equinox_ray.serve.app import build
+    from equinox_ray.serve.config import AppConfig
+
+    config = AppConfig.model_validate(equinox_args())
+    apps = {"equinox": lambda: build(config), "forwarding": lambda: forwarding_app(config.pools[0])}
+    out = []
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    cfg = config(args.predictor)
-    pool = cfg.pools[0]
-    direct_app = DirectIngress.bind(PoolReplica.options(**pool_options(pool)).bind(pool.model_dump(mode="json")))
-    t = time.perf_counter()
-    serve.run(direct_app, name="direct", route_prefix="/direct", blocking=False)
-    serve.run(build(cfg), name="equinox", route_prefix="/")
-    print(f"both deployed in {time.perf_counter() - t:.0f} s", flush=True)
-    asyncio.run(alternating(20, args.max_tokens))  # warm-up
-    latency = asyncio.run(alternating(args.requests, args.max_tokens))
-    tps = {prefix: asyncio.run(saturated(prefix, args.clients, args.per_client, args.saturation_tokens))
-           for prefix in ("/direct", "", "/direct", "")}  # each twice, alternating; the last of each counts
-    serve.shutdown()
-    ray.shutdown()
-    results = {name: {"p50": float(np.median(latency[prefix])), "p99": float(np.percentile(latency[prefix], 99)),
-                      "tps": tps[prefix]} for name, prefix in (("direct", "/direct"), ("equinox", ""))}
-    d, e = results["direct"], results["equinox"]
-    print(f"\n## Fairness path overhead ({args.predictor} predictor; vLLM CPU replica, tiny model; {args.requests} requests of "
-          f"{args.max_tokens} tokens to each path, alternating; saturation: {args.clients} clients x {args.per_client} requests of "
-          f"{args.saturation_tokens} tokens)\n")
-    print("| path | p50 latency ms | p99 latency ms | saturated output tokens/s |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {1000 * r['p50']:.2f} | {1000 * r['p99']:.2f} | {r['tps']:,.0f} |")
-    print(f"\nadded latency: median {1000 * (e['p50'] - d['p50']):.2f} ms (target < 2 ms), "
-          f"p99 {1000 * (e['p99'] - d['p99']):.2f} ms")
-    print(f"throughput ratio at saturation: {e['tps'] / d['tps']:.3f} (target >= 0.95)")
+    try:
+        for path, load in loads.items():
+            name = "equinox" if path == "equinox" else "fwd"
+            deploy({name: apps[path]()})
+            out.append((path, (measure(path, load, args.clients, args.seconds, []),
+                               light_latency(load, args.light_requests))))
+            serve.delete(name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return out
+
+
+def light_latency(load: Load, requests: int) -> list[float]:
+    """One client, one 4-token request at a time."""
+    import aiohttp
+
+    short = Load(load.url, load.model, load.prompt, 4, False, load.keys)
+
+    async def main() -> list[float]:
+        async with aiohttp.ClientSession() as session:
+            times = [(await one(session, short, load.keys[0])).e2e_s for _ in range(requests + 10)]
+        return times[10:]
+
+    return asyncio.run(main())
+
+
+def write(rows: dict[str, list[dict]], light: dict[str, dict], args) -> None:
+    tps = {path: float(np.mean([r["tokens_per_s"] for r in rs])) for path, rs in rows.items()}
+    pairs = [e["tokens_per_s"] / v["tokens_per_s"] for e, v in zip(rows["equinox"], rows["vllm"])]
+    result = {"vllm_ratio": tps["equinox"] / tps["vllm"], "vllm_ratio_per_round": pairs,
+              "forwarding_ratio": tps["forwarding"] / tps["vllm"],
+              "added_p50_ms_vs_vllm": light["equinox"]["p50_ms"] - light["vllm"]["p50_ms"],
+              "added_p50_ms_vs_forwarding": light["equinox"]["p50_ms"] - light["forwarding"]["p50_ms"],
+              "rows": rows, "light": light,
+              "load": f"{args.clients} streaming clients, 64 prompt tokens, 32 output tokens, {args.seconds:g} s x "
+                      f"{args.rounds} rounds"}
+    (args.out / "fairness_overhead.json").write_text(json.dumps(result, indent=1))
+    lines = ["# The serving path against vLLM's own OpenAI server (same tiny model, same engine settings)", "",
+             f"`python -m bench.fairness_overhead`: {result['load']}, alternating between the paths. Server CPU "
+             "counts every process of a path.", "",
+             "| path | output tokens/s (mean) | per round | TTFT p50 ms | TTFT p99 ms | server CPU µs/token | "
+             "light-load p50 ms | light-load p99 ms |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for path, rs in rows.items():
+        last = rs[-1]
+        per_round = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in rs)
+        lines.append(f"| {path} | {tps[path]:,.0f} | {per_round} | "
+                     f"{last['ttft_p50_ms']:.0f} | {last['ttft_p99_ms']:.0f} | "
+                     f"{np.mean([r['server_us_per_token'] for r in rs]):.0f} | {light[path]['p50_ms']:.1f} | "
+                     f"{light[path]['p99_ms']:.1f} |")
+    lines += ["", f"Full path / vLLM's own server: **{result['vllm_ratio']:.2f}x** output tokens/s (rounds: "
+              f"{', '.join(f'{p:.2f}' for p in pairs)}; target >= 0.95x). Bare forwarding ingress / vLLM: "
+              f"{result['forwarding_ratio']:.2f}x. Added median latency at light load: "
+              f"{result['added_p50_ms_vs_vllm']:.1f} ms against vLLM, {result['added_p50_ms_vs_forwarding']:.1f} ms "
+              "against the forwarding ingress."]
+    text = "\n".join(lines) + "\n"
+    (args.out / "fairness_overhead.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

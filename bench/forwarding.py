@@ -33,7 +33,7 @@ class ForwardingPool:
             yield chunk
 
 
-@serve.deployment(max_ongoing_requests=100_000)
+@serve.deployment(max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class ForwardingIngress:
     def __init__(self, pool) -> None:

@@ -78,6 +78,10 @@ def test_the_hetero_config_validates():
     options = pool_options(config.pools[0])
     assert options["ray_actor_options"]["accelerator_type"] == "H100"
     assert options["autoscaling_config"]["max_replicas"] == 8
+    from equinox_ray.serve.app import ingress_options
+
+    ingress = ingress_options(config.ingress)  # HTTP scales out in front of the one controller
+    assert ingress["autoscaling_config"]["min_replicas"] == 2 and "num_replicas" not in ingress
 
 
 def test_a_wrong_config_names_the_field():

@@ -34,9 +34,11 @@ class SimEngineConfig(BaseModel):
 
 
 class _Stream:
-    def __init__(self, seq: SimSequence, submitted: float) -> None:
+    def __init__(self, seq: SimSequence, submitted: float, every: int) -> None:
         self.seq = seq
         self.submitted = submitted
+        self.every = max(1, every)
+        self.held: list[int] = []  # tokens not yet yielded (stream_every)
         self.first_token: float | None = None
         self.queue: asyncio.Queue = asyncio.Queue()
 
@@ -80,7 +82,7 @@ class SimEngine:
             raise EngineError(f"simulated engine is not running: {self._failure!r}")
         if request.id in self._streams:
             raise ValueError(f"request {request.id!r} is already running")
-        stream = _Stream(SimSequence(request.id, prompt_tokens, request.max_tokens), self.now())
+        stream = _Stream(SimSequence(request.id, prompt_tokens, request.max_tokens), self.now(), request.stream_every)
         self.batcher.add(stream.seq)
         self._streams[request.id] = stream
         self._wake.set()
@@ -104,7 +106,7 @@ class SimEngine:
         if stream is None:
             self.tracker.pop_request(request_id)
         else:
-            stream.queue.put_nowait(TokenChunk(request_id, [], finish_reason="abort",
+            stream.queue.put_nowait(TokenChunk(request_id, stream.held, finish_reason="abort",
                                                usage=self._usage(stream, self.now())))
 
     def stats(self) -> EngineStats:
@@ -144,15 +146,17 @@ class SimEngine:
             stream = self._streams.get(seq_id)
             if stream is None:
                 continue
-            if stream.first_token is None:
+            first = stream.first_token is None
+            if first:
                 stream.first_token = end
-            token = hash((seq_id, stream.seq.generated)) % self.config.vocab_size
+            stream.held.append(hash((seq_id, stream.seq.generated)) % self.config.vocab_size)
             if seq_id in finished:
                 del self._streams[seq_id]
-                stream.queue.put_nowait(TokenChunk(seq_id, [token], finish_reason="length",
+                stream.queue.put_nowait(TokenChunk(seq_id, stream.held, finish_reason="length",
                                                    usage=self._usage(stream, end)))
-            else:
-                stream.queue.put_nowait(TokenChunk(seq_id, [token]))
+            elif first or len(stream.held) >= stream.every:
+                stream.queue.put_nowait(TokenChunk(seq_id, stream.held))
+                stream.held = []
 
     def _usage(self, stream: _Stream, end: float) -> Usage:
         first = stream.first_token if stream.first_token is not None else end

@@ -24,6 +24,7 @@ class GenerationRequest:
     temperature: float = 0.0
     seed: int | None = None  # the client's seed, never one it did not send
     priority: int = 0  # lower first, as vLLM's priority scheduling
+    stream_every: int = 1  # the engine may hold tokens back until it has this many (first and last: at once)
     prompt_len_hint: int | None = None  # prompt length in tokens when only text is given and ids are unknown
     trace_context: dict[str, str] | None = None  # W3C trace context of the caller's span (telemetry)
 

@@ -95,7 +95,8 @@ class VLLMEngine:
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
             enable_chunked_prefill=True, scheduling_policy=c.scheduling_policy, enforce_eager=c.enforce_eager,
             seed=c.seed, tensor_parallel_size=c.tensor_parallel_size, kv_cache_memory_bytes=c.kv_cache_memory_bytes,
-            gpu_memory_utilization=c.gpu_memory_utilization, disable_log_stats=False,
+            # our stat logger only: vLLM's default one would log every step (iteration details are on for busy time)
+            gpu_memory_utilization=c.gpu_memory_utilization, disable_log_stats=True,
             enable_logging_iteration_details=True,
         )
         self._tokenizer = AutoTokenizer.from_pretrained(c.tokenizer or c.model)
@@ -125,6 +126,7 @@ class VLLMEngine:
         self._check_alive()
         params = SamplingParams(max_tokens=request.max_tokens, ignore_eos=request.ignore_eos,
                                 temperature=request.temperature, output_kind=RequestOutputKind.DELTA,
+                                stream_interval=request.stream_every,
                                 seed=request.seed)
         active = _Active(len(ids), time.monotonic())
         self._active[request.id] = active

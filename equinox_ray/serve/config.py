@@ -91,7 +91,8 @@ class PoolConfig(Strict):
     vllm: VLLMEngineConfig = VLLMEngineConfig()
     sim: SimEngineConfig = SimEngineConfig()
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on CPU machines and for sim pools)")
-    num_cpus: float = Field(1, ge=0)
+    num_cpus: float = Field(1, ge=0, description="CPUs per replica; a CPU engine computes with this many threads "
+                                                  "(Ray sets OMP_NUM_THREADS to it)")
     cost_weight: float = Field(1.0, gt=0, description="relative price of a busy-second on this pool")
     stream_interval_ms: float = Field(
         50.0, ge=0, description="a replica sends each ingress replica the tokens of all its requests once per "
@@ -130,7 +131,9 @@ class IngressConfig(Strict):
     max_ongoing_requests: int = Field(4096, ge=1)
     num_cpus: float = Field(0, ge=0)
     batch_interval_ms: float = Field(
-        5.0, ge=0, description="least time between two batched updates to the controller (the first goes at once)")
+        5.0, ge=0, description="least time between two updates to the controller that carry new requests, finishes or "
+                               "withdrawals (one after a pause goes at once)")
+    progress_interval_ms: float = Field(20.0, ge=0, description="least time between updates of progress alone")
 
 
 class ModelConfig(Strict):

@@ -140,7 +140,7 @@ class EquinoxIngress:
         self.channels = PoolChannels(pools, self.name, deliver=lambda chunk: self.link.deliver(chunk),
                                      lost=lambda replica, why: self.link.replica_lost(replica, why))
         self.link = ControllerLink(controller, self.name, config.ingress.batch_interval_ms / 1000.0,
-                                   on_grant=self.channels.ensure)
+                                   config.ingress.progress_interval_ms / 1000.0, on_grant=self.channels.ensure)
 
     # -- routes ----------------------------------------------------------------------------------------------
     @api.get("/health")

@@ -42,14 +42,15 @@ class Inflight:
 
 
 class ControllerLink:
-    """Sends the controller one `IngressBatch` at a time, at most one per `batch_interval_s` (the first one at
-    once), and receives this replica's grants on a long-lived stream."""
+    """Sends the controller one `IngressBatch` at a time (see `_send_loop` for when), and receives this replica's
+    grants on a long-lived stream."""
 
     def __init__(self, controller: DeploymentHandle, ingress: str, batch_interval_s: float,
-                 on_grant: Callable[[Grant], None]) -> None:
+                 progress_interval_s: float, on_grant: Callable[[Grant], None]) -> None:
         self.controller = controller
         self.ingress = ingress
         self.batch_interval_s = batch_interval_s
+        self.progress_interval_s = progress_interval_s
         self.on_grant = on_grant
         self.inflight: dict[str, Inflight] = {}
         self._batch = IngressBatch(ingress)
@@ -101,16 +102,31 @@ class ControllerLink:
         self._pending.set()
 
     async def _send_loop(self) -> None:
+        """When a batch goes: new requests `batch_interval_s` after the last batch that carried new requests,
+        finishes and withdrawals (a freed slot) `batch_interval_s` after the last that carried those, progress
+        alone `progress_interval_s` after the last batch. So a request after a pause, or a client's next request
+        right after its last one finished, waits for nothing; under load each kind comes in batches. One call is
+        in flight at a time."""
         loop = asyncio.get_running_loop()
-        last = -self.batch_interval_s
+        last = {"submissions": -float("inf"), "finishes": -float("inf"), "any": -float("inf")}
         while True:
             await self._pending.wait()
-            delay = last + self.batch_interval_s - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            while True:
+                batch = self._batch
+                ready = min(last["submissions"] + self.batch_interval_s if batch.submissions else float("inf"),
+                            last["finishes"] + self.batch_interval_s if batch.finished or batch.withdrawn
+                            else float("inf"),
+                            last["any"] + self.progress_interval_s)
+                if loop.time() >= ready:
+                    break
+                await asyncio.sleep(min(ready - loop.time(), self.batch_interval_s or 0.001))
             self._pending.clear()
             batch, self._batch = self._batch, IngressBatch(self.ingress)
-            last = loop.time()
+            last["any"] = loop.time()
+            if batch.submissions:
+                last["submissions"] = last["any"]
+            if batch.finished or batch.withdrawn:
+                last["finishes"] = last["any"]
             try:
                 await self.controller.update.remote(batch)
             except Exception:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import AsyncIterator
 
 from ray import serve
@@ -114,7 +115,21 @@ class PoolReplica:
     def _start(self, dispatch: Dispatch) -> None:
         request_id = dispatch.generation.id
         if request_id not in self.running:
+            every = self._tokens_per_interval()
+            if every > 1:
+                dispatch = replace(dispatch, generation=replace(dispatch.generation, stream_every=every))
             self.running[request_id] = (asyncio.create_task(self._generate(dispatch)), dispatch.ingress)
+
+    def _tokens_per_interval(self) -> int:
+        """How many tokens a stream makes in one channel interval, at the engine's measured pace: the engine may
+        hold that many back (its first token and its last go at once), so that a token costs no Python of its own
+        between the engine and the channel."""
+        tpot = self.replica.window.tpot_s
+        if not tpot or self.pool.stream_interval_ms <= 0:
+            return 1
+        if self.pool.engine == "sim":
+            tpot /= self.pool.sim.time_scale  # the simulated engine measures simulated seconds
+        return max(1, int(self.pool.stream_interval_ms / 1000.0 / tpot))
 
     async def _generate(self, dispatch: Dispatch) -> None:
         generation, channel = dispatch.generation, self._channel(dispatch.ingress)
