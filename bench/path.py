@@ -41,10 +41,13 @@ class Plan:
     streams: tuple[int, ...]
     long_tokens: int
     short_tokens: int
+    two_ingress: bool = True  # also the full path with 2 ingress replicas, and unary requests
+    grant_ingress: int = 4  # ingress replicas sending to the controller in the grant stage
 
 
 FULL = Plan(seconds=10.0, rounds=2, light_requests=200, streams=(64, 256), long_tokens=256, short_tokens=32)
-SMOKE = Plan(seconds=2.0, rounds=1, light_requests=20, streams=(64,), long_tokens=64, short_tokens=16)
+SMOKE = Plan(seconds=2.0, rounds=1, light_requests=20, streams=(64,), long_tokens=64, short_tokens=16,
+             two_ingress=False, grant_ingress=2)
 
 
 def sim_pool(gpu: str, window: int = 256, time_scale: float = 1.0) -> dict:
@@ -70,12 +73,14 @@ def app_config(pool: dict, ingress_replicas: int):
 def deploy(apps: dict[str, object]) -> None:
     from ray import serve
 
+    started = time.monotonic()
     for name, app in apps.items():
         serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
-    deadline = time.monotonic() + 300
+    deadline = started + 300
     while time.monotonic() < deadline:
         status = serve.status().applications
         if all(status[name].status == "RUNNING" for name in apps):
+            print(f"deployed {', '.join(apps)} in {time.monotonic() - started:.0f} s", flush=True)
             return
         time.sleep(1)
     raise RuntimeError(f"applications not running: { {n: serve.status().applications[n].status for n in apps} }")
@@ -183,12 +188,15 @@ def main(smoke: bool = False, out: Path = RESULTS) -> dict:
     report: dict = {"plan": plan.__dict__, "machine": f"{os.cpu_count()} cores"}
     try:
         a100 = sim_pool("A100")
-        deploy({"fwd": forwarding_app(PoolConfig.model_validate(a100)),
-                "eq1": build(app_config(a100, 1)), "eq2": build(app_config(a100, 2))})
-        apps = ("fwd", "eq1", "eq2")
+        apps = {"fwd": lambda: forwarding_app(PoolConfig.model_validate(a100)),
+                "eq1": lambda: build(app_config(a100, 1)), "eq2": lambda: build(app_config(a100, 2))}
+        if not plan.two_ingress:
+            del apps["eq2"]
+        deploy({name: make() for name, make in apps.items()})
         loads = [(f"stream {plan.long_tokens} x {n}", plan.long_tokens, True, n) for n in plan.streams]
-        loads += [(f"unary {plan.long_tokens} x {plan.streams[0]}", plan.long_tokens, False, plan.streams[0]),
-                  (f"stream {plan.short_tokens} x {plan.streams[0]}", plan.short_tokens, True, plan.streams[0])]
+        if plan.two_ingress:
+            loads.append((f"unary {plan.long_tokens} x {plan.streams[0]}", plan.long_tokens, False, plan.streams[0]))
+        loads.append((f"stream {plan.short_tokens} x {plan.streams[0]}", plan.short_tokens, True, plan.streams[0]))
         rows: dict[str, dict[str, list[dict]]] = {label: {app: [] for app in apps} for label, *_ in loads}
         for _ in range(plan.rounds):
             for label, tokens, stream, clients in loads:
@@ -197,7 +205,9 @@ def main(smoke: bool = False, out: Path = RESULTS) -> dict:
                     print(f"{label:>20} {app}: {rows[label][app][-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
         engine = {n: asyncio.run(in_process("A100", n, plan.long_tokens, plan.seconds)) for n in plan.streams}
         light = light_latency(("fwd", "eq1"), plan.light_requests)
-        serve.delete("fwd"), serve.delete("eq2")
+        for name in apps:
+            if name != "eq1":
+                serve.delete(name, _blocking=False)  # its replicas wait out their streams; the next stage need not
         report["a100"] = {"loads": rows, "engine": engine, "light_ms": {
             app: {"p50": 1000 * float(np.median(t)), "p99": 1000 * float(np.percentile(t, 99))}
             for app, t in light.items()}}
@@ -227,21 +237,21 @@ def h100_stage(plan: Plan) -> dict:
         for n in plan.streams:
             rows[n].append(measure("eqh", load_for("eqh", plan.long_tokens, True), n, plan.seconds))
     engine = {n: asyncio.run(in_process("H100", n, plan.long_tokens, plan.seconds)) for n in plan.streams}
-    serve.delete("eqh")
+    serve.delete("eqh", _blocking=False)
     return {"loads": rows, "engine": engine}
 
 
 def grant_stage(plan: Plan) -> dict:
-    """4 ingress replicas and a fast pool (the simulated H100 at 20x), short requests: as many grants per second
+    """`plan.grant_ingress` ingress replicas (4 in the full run) and a fast pool (the simulated H100 at 20x), short requests: as many grants per second
     as this machine can send; the controller's CPU per grant is what counts."""
     from ray import serve
 
     from equinox_ray.serve.app import build
 
     pool = sim_pool("H100", window=256, time_scale=20.0)
-    deploy({"eq4": build(app_config(pool, 4))})
-    row = measure("eq4", load_for("eq4", 4, stream=False), 128, plan.seconds * 2)
-    serve.delete("eq4")
+    deploy({"eq4": build(app_config(pool, plan.grant_ingress))})
+    row = measure("eq4", load_for("eq4", 4, stream=False), 128, plan.seconds * (2 if plan.two_ingress else 1))
+    serve.delete("eq4", _blocking=False)
     controller_s = row["cpu_s"]["controller"]
     return {**row, "grants_per_controller_cpu_s": row["requests"] / max(controller_s, 1e-9)}
 
@@ -310,7 +320,7 @@ def render(summary: dict, report: dict, plan: Plan, smoke: bool) -> str:
     vllm = "not measured yet" if s["vllm_ratio"] is None else f"{s['vllm_ratio']:.2f}x"
     lines += ["", f"Light load (one client, 4-token requests, alternating): p50 {a['light_ms']['fwd']['p50']:.1f} ms "
               f"forwarding, {a['light_ms']['eq1']['p50']:.1f} ms full path.",
-              f"Controller: {g['requests']:,} grants in {g['wall_s']:.0f} s from 4 ingress replicas, "
+              f"Controller: {g['requests']:,} grants in {g['wall_s']:.0f} s from {plan.grant_ingress} ingress replicas, "
               f"{1e3 * g['cpu_s']['controller'] / max(g['requests'], 1):.3f} ms of controller CPU each.", "",
               "| target | measured | goal |", "|---|---:|---:|",
               f"| server CPU per streamed token (long requests, {plan.streams[0]} streams) | "
