@@ -251,3 +251,20 @@ def test_prediction_error_is_relative_and_smoothed():
     assert error.error["output_tokens"] == pytest.approx(0.25)
     error.observe(Prediction(0, 0, 0, 1, 1), Outcome("r", "a", "p", 10, 0, 0, 0, 0, cancelled=True))
     assert error.count == 2
+
+
+def test_the_span_file_rotates_past_its_size_and_keeps_its_backups(tmp_path):
+    from equinox_ray.telemetry.tracing import JsonLinesSpanExporter
+
+    path = tmp_path / "spans.jsonl"
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(path, max_bytes=4096, backups=2)))
+    tracer = provider.get_tracer("t")
+    for i in range(200):
+        with tracer.start_as_current_span(f"span-{i}"):
+            pass
+    files = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+    assert files == ["spans.jsonl", "spans.jsonl.1", "spans.jsonl.2"]
+    assert all((tmp_path / f).stat().st_size < 4096 + 2048 for f in files)
+    newest = [json.loads(line)["name"] for line in path.read_text().splitlines()]
+    assert newest[-1] == "span-199"

@@ -15,6 +15,9 @@ class TelemetryConfig(BaseModel):
     endpoint: str | None = Field(None, description="OTLP endpoint; default http://localhost:4317 (gRPC) or "
                                                    "http://localhost:4318/v1/traces (HTTP)")
     jsonl_path: str = Field("logs/spans.jsonl", description="the JSON-lines file, relative to the project root")
+    jsonl_max_bytes: int = Field(64 * 1024**2, ge=1024, description="past this size the file rotates (spans.jsonl.1, "
+                                                                   "...)")
+    jsonl_backups: int = Field(3, ge=1, description="rotated files kept")
     sampling_ratio: float = Field(1.0, ge=0.0, le=1.0, description="share of traces kept (Serve's default is 0.01)")
     service_name: str = "equinox-ray"
     max_user_labels: int = Field(20, ge=1, description="users with their own Prometheus label; the rest are 'other'")

@@ -8,6 +8,7 @@ one trace.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from pathlib import Path
@@ -25,21 +26,45 @@ SERVE_SPANS_ENV = "EQUINOX_SERVE_SPANS_PATH"
 
 class JsonLinesSpanExporter(SpanExporter):
     """One JSON object per span and line (OpenTelemetry's own `ReadableSpan.to_json`), appended to a file that
-    several processes may share: each span is one write of one line."""
+    several processes may share: each batch is one write. Past `max_bytes` the file rotates (`.1` is the newest
+    of `backups` old files); a lock file makes one process do it."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, max_bytes: int = 64 * 1024**2, backups: int = 3) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = "".join(span.to_json(indent=None) + "\n" for span in spans)
         try:
-            with self._lock, self.path.open("a") as f:
-                f.write(lines)
+            with self._lock:
+                self._rotate_if_full()
+                with self.path.open("a") as f:
+                    f.write(lines)
         except OSError:
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _rotate_if_full(self) -> None:
+        if self._size() < self.max_bytes:
+            return
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._size() < self.max_bytes:  # another process rotated it while we waited
+                return
+            for i in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{i}")
+                if older.exists():
+                    older.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
+            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
 
     def shutdown(self) -> None:
         pass
@@ -49,7 +74,7 @@ def make_exporter(config: TelemetryConfig) -> SpanExporter | None:
     if config.exporter == "none":
         return None
     if config.exporter == "jsonl":
-        return JsonLinesSpanExporter(_under_project(config.jsonl_path))
+        return JsonLinesSpanExporter(_under_project(config.jsonl_path), config.jsonl_max_bytes, config.jsonl_backups)
     if config.exporter == "otlp-grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
