@@ -315,3 +315,43 @@ def test_the_chunked_gap_bound_is_not_vacuous_fcfs_breaks_it():
     requests = [("a", 30, 150)] * 20 + [("b", 30, 150)] * 20
     worst, bound = gap_with_chunked_progress("fcfs", requests, chunk=8)
     assert worst > bound
+
+
+@pytest.mark.parametrize("policy", ["vtc", "equinox"])
+def test_a_restarted_controller_restores_counters_and_usage_and_charges_no_request_twice(tmp_path, policy):
+    from equinox_ray.serve.checkpoint import CheckpointStore
+
+    cfg = config(name=policy, predictor="moving-average")
+    store = CheckpointStore(cfg.checkpoint.model_copy(update={"store": "file", "path": str(tmp_path / "c.json")}),
+                            "app")
+    ctl = controller(cfg)
+    for i in range(4):
+        submit(ctl, f"r{i}", "a" if i % 2 else "b", prompt=20 + i)
+    granted = grants(ctl)
+    finish(ctl, "r0", output=7)
+    store.save(ctl.checkpoint())
+    before = {user: ctl.policy.counters(user) for user in ("a", "b")}
+    usage = {user: (s.finished, s.prompt_tokens, s.output_tokens) for user, s in ctl.stats.items()}
+
+    restarted = controller(cfg)
+    restarted.restore(store.load())
+    assert {user: restarted.policy.counters(user) for user in ("a", "b")} == before
+    assert {user: (s.finished, s.prompt_tokens, s.output_tokens) for user, s in restarted.stats.items()} == usage
+    # a request granted before the restart finishes after it: not charged again
+    running = [rid for rid in granted if rid != "r0" and isinstance(granted[rid], Grant)]
+    finish(restarted, running[0], output=9)
+    assert {user: restarted.policy.counters(user) for user in ("a", "b")} == before
+    # an ingress resubmits what waited; sent twice, it is queued once
+    submit(restarted, "r9", "a")
+    submit(restarted, "r9", "a")
+    assert restarted.stats["a"].submitted == ctl.stats["a"].submitted + 1
+
+
+def test_a_checkpoint_of_another_policy_restores_usage_but_not_its_counters():
+    ctl = controller(config(name="vtc"))
+    submit(ctl, "r0", "a", prompt=50)
+    checkpoint = ctl.checkpoint()
+    assert checkpoint.counters["served"]["a"] > 0
+    restarted = controller(config(name="equinox", predictor="moving-average"))
+    restarted.restore(checkpoint)
+    assert restarted.stats["a"].submitted == 1 and restarted.policy.counters("a")["service"] == 0

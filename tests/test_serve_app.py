@@ -28,6 +28,7 @@ def app():
     args = app_args("equinox.yaml")
     args["pools"][0]["admission"] = {"max_window": 4, "initial_window": 4}  # small, so queues form in the controller
     args["limits"]["max_queue_per_user"] = 24
+    args["limits"]["max_prompt_tokens"] = 600
     args["ingress"] = {"num_replicas": 2}
     args["telemetry"] = {"exporter": "jsonl", "jsonl_path": str(SPANS)}
     ray.init(num_cpus=2, include_dashboard=False)
@@ -129,10 +130,53 @@ def test_bad_input_gets_its_status_and_an_openai_error_body(app):
     assert r.status_code == 400 and error(r)["param"] == "prompt"
     r = httpx.post(url, json={**ok, "model": "gpt-9"}, headers=auth(ALICE))
     assert r.status_code == 404 and error(r)["code"] == "model_not_found"
-    r = httpx.post(url, json={**ok, "prompt": list(range(3, 1003)), "max_tokens": 100}, headers=auth(ALICE))
+    r = httpx.post(url, json={**ok, "prompt": [5] * 1000, "max_tokens": 100}, headers=auth(ALICE))
     assert r.status_code == 400 and error(r)["code"] == "context_length_exceeded"
     with pytest.raises(openai.AuthenticationError):
         client("sk-wrong-key-123").completions.create(model=MODEL, prompt="ka", max_tokens=2)
+
+
+def test_hostile_input_gets_a_4xx_in_openai_s_format_with_no_trace_and_the_server_keeps_serving(app):
+    url, admin_url = f"{BASE}/v1/completions", f"{BASE}/v1/admin/policy"
+    json_headers = {**auth(ALICE), "content-type": "application/json"}
+    cases = [  # (what, method, url, body bytes or json, headers, status, param)
+        ("lone surrogate in the prompt", "POST", url,
+         b'{"model": "tiny-llama", "prompt": "a\\ud800b", "max_tokens": 4}', json_headers, 400, "prompt"),
+        ("lone surrogate in a chat message", "POST", f"{BASE}/v1/chat/completions",
+         b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "\\udfffx"}]}', json_headers, 400,
+         "messages"),
+        ("lone surrogate in a key", "POST", url, b'{"model": "tiny-llama", "prompt": "ka", "\\ud800": 1}',
+         json_headers, 400, None),
+        ("invalid UTF-8", "POST", url, b'{"model": "tiny-llama", "prompt": "\xff\xfe", "max_tokens": 4}',
+         json_headers, 400, None),
+        ("invalid UTF-8 to the admin route", "PUT", admin_url, b'{"name": "\xff"}',
+         {**auth(ADMIN), "content-type": "application/json"}, 400, None),
+        ("a token id past the vocabulary", "POST", url, {"model": MODEL, "prompt": [999999, 5], "max_tokens": 4},
+         auth(ALICE), 400, "prompt"),
+        ("a negative token id", "POST", url, {"model": MODEL, "prompt": [-1, 5], "max_tokens": 4}, auth(ALICE), 400,
+         "prompt"),
+        ("a prompt over max_prompt_tokens", "POST", url, {"model": MODEL, "prompt": [5] * 601, "max_tokens": 4},
+         auth(ALICE), 400, "prompt"),
+        ("a body over max_body_bytes", "POST", url, b"x" * (5 * 1024**2), json_headers, 413, None),
+        ("no such route", "GET", f"{BASE}/v1/nothing", None, auth(ALICE), 404, None),
+        ("wrong method", "GET", url, None, auth(ALICE), 405, None),
+    ]
+    for what, method, target, body, headers, status, param in cases:
+        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
+        r = httpx.request(method, target, headers=headers, timeout=60, **kwargs)
+        assert r.status_code == status, (what, r.status_code, r.text[:300])
+        message = error(r)["message"]
+        assert "\n" not in message and "Traceback" not in message and "File " not in message, (what, message)
+        if param is not None:
+            assert error(r)["param"] == param, (what, error(r))
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        for _ in range(6):
+            yield b" " * 1024**2
+    r = httpx.post(url, content=chunked(), headers=json_headers, timeout=60)
+    assert r.status_code == 413 and error(r)["code"] == "request_too_large"
+    done = client(ALICE).completions.create(model=MODEL, prompt="ka lo", max_tokens=3, extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 3
 
 
 def test_a_long_sampled_prompt_cannot_crash_the_engine_and_a_seed_that_would_is_refused(app):
@@ -172,7 +216,7 @@ def test_a_client_disconnect_aborts_the_request_and_frees_its_slot_on_either_ing
     assert row["output_tokens"] - before["users"]["carol"]["output_tokens"] < 4 * 900  # only what was served
     grew = {name: row["submitted"] - before["ingress"].get(name, {"submitted": 0})["submitted"]
             for name, row in after["ingress"].items()}
-    assert sorted(grew.values()) == [2, 2]  # two on each ingress replica
+    assert len(grew) == 2 and sum(grew.values()) == 4 and min(grew.values()) >= 1  # some on each ingress replica
     wait_until(lambda: fairness(ADMIN)["pools"]["cpu"]["running"] == 0)
 
 

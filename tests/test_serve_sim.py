@@ -2,7 +2,9 @@
 requests reach both pools, and a sustained backlog scales a pool up and then back down."""
 
 import asyncio
+import json
 import os
+import time
 
 import httpx
 import pytest
@@ -126,3 +128,76 @@ def test_every_controller_method_runs_on_its_event_loop():
     for name in methods:
         f = getattr(cls, name)
         assert inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f), name
+
+
+def test_a_killed_pool_replica_ends_its_streams_with_an_error_event_and_retries_what_had_not_started(app):
+    """Long prompts keep requests in prefill; the H100 replica is killed under them. Every stream still ends with
+    [DONE]; one that had tokens ends with an OpenAI error event; one that had none is queued again and served."""
+    retried_before = sum(u["retried"] for u in fairness(ADMIN)["users"].values())
+
+    async def one(i: int, http: httpx.AsyncClient) -> tuple[int, list[str]]:
+        async with http.stream("POST", f"{BASE}/v1/completions", headers=auth(KEYS[i % 3]), json={
+                "model": "llama-2-7b-sim", "prompt": "word " * 3000, "max_tokens": 64, "stream": True,
+                "ignore_eos": True}) as r:
+            return r.status_code, [line async for line in r.aiter_lines() if line.startswith("data: ")]
+
+    def kill_h100() -> int:
+        wait_until(lambda: fairness(ADMIN)["pools"]["h100"]["running"] >= 4, 30, 0.05)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "Pool-h100" in a["name"]]
+        for name in names:
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        return len(names)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=180, limits=httpx.Limits(max_connections=64)) as http:
+            requests = asyncio.gather(*(one(i, http) for i in range(40)))
+            killed = await asyncio.to_thread(kill_h100)
+            return killed, await requests
+
+    killed, results = asyncio.run(main())
+    assert killed >= 1
+    errors = 0
+    for status, events in results:
+        assert status == 200 and events[-1] == "data: [DONE]"
+        bodies = [json.loads(e[6:]) for e in events[:-1]]
+        tokens = len([b for b in bodies if b.get("choices")])  # one event per chunk of tokens (no text here)
+        if "error" in bodies[-1]:
+            errors += 1
+            assert bodies[-1]["error"]["code"] == "engine_error" and tokens > 0, bodies  # none yet: retried
+        else:
+            assert bodies[-1]["choices"][0]["finish_reason"] == "length"
+    retried = sum(u["retried"] for u in fairness(ADMIN)["users"].values()) - retried_before
+    assert retried >= 1, "no request was caught before its first token: the retry was not exercised"
+    wait_until(lambda: running_replicas("h100") >= 1, 90)  # Serve replaces the replica
+
+
+def test_a_killed_controller_comes_back_with_its_counters_and_no_request_is_lost(app):
+    def users_or_none():
+        try:
+            r = httpx.get(f"{BASE}/v1/fairness", headers=auth(ADMIN), timeout=5)
+            return r.json()["users"] if r.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    def controllers() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "FairnessController" in a["name"]}
+
+    def kill_controller() -> dict:
+        time.sleep(4)
+        before, (old,) = users_or_none(), controllers()
+        ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
+        wait_until(lambda: controllers() - {old}, 60, 0.1)  # Serve started another
+        return before
+
+    async def main():
+        task = asyncio.create_task(load(20, 24))
+        before = await asyncio.to_thread(kill_controller)
+        after = await asyncio.to_thread(wait_until, users_or_none, 60, 0.1)
+        return before, after, await task
+
+    before, after, codes = asyncio.run(main())
+    assert codes and set(codes) == {200}, "a request was lost or failed across the controller's restart"
+    for user, row in before.items():
+        # restored from a checkpoint at most interval_s (1 s) old, not from zero
+        assert after[user]["output_tokens"] >= 0.5 * row["output_tokens"] > 0, user
+        assert after[user]["counters"]["service"] >= 0.5 * row["counters"]["service"] > 0, user

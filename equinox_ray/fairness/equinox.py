@@ -52,6 +52,7 @@ class _Admission:
 
 
 class Equinox(VTC):
+    durable = ("served", "latency_deficit", "resource")
     name = "equinox"
 
     def __init__(

@@ -32,6 +32,7 @@ class Grant:
 
 class Policy:
     name = "policy"
+    durable: tuple[str, ...] = ()  # the per-user counter tables (attribute names) that a restart must keep
 
     def __init__(self, users: Iterable[User] = ()) -> None:
         self.users: dict[str, User] = {}
@@ -42,6 +43,16 @@ class Policy:
         self._dirty: set[str] = set()
         for user in users:
             self.add_user(user)
+
+    def durable_state(self) -> dict[str, dict[str, float]]:
+        """The per-user counters that outlive a restart; queues and running requests do not (their clients
+        submit them again)."""
+        return {name: dict(getattr(self, name)) for name in self.durable}
+
+    def restore(self, state: dict[str, dict[str, float]]) -> None:
+        for name in self.durable:
+            getattr(self, name).update(state.get(name, {}))
+        self._dirty.update(self.users)
 
     # -- what subclasses define -------------------------------------------------------------------------------
     def key(self, user: str) -> float:

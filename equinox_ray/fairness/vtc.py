@@ -22,6 +22,7 @@ from equinox_ray.fairness.request import Request, User
 
 
 class VTC(Policy):
+    durable = ("served",)
     name = "vtc"
 
     def __init__(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict, deque
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,19 @@ class MoPE:
                                         "e2e_s": outcome.e2e_s, "throughput_tps": predicted.throughput_tps,
                                         "utilization": outcome.utilization if outcome.utilization is not None
                                         else predicted.utilization}))
+
+    def online_state(self) -> dict:
+        """What serving taught it, to outlive a restart: the smoothed corrections and the users' histories."""
+        with self._lock:
+            return {"output_ratio": dict(self.output_ratio), "latency_ratio": dict(self.latency_ratio),
+                    "history": {user: asdict(h) for user, h in self.history.items()}}
+
+    def restore_online(self, state: dict) -> None:
+        with self._lock:
+            self.output_ratio.update(state.get("output_ratio", {}))
+            self.latency_ratio.update(state.get("latency_ratio", {}))
+            for user, history in state.get("history", {}).items():
+                self.history[user] = UserHistory(**history)
 
     def forget(self, request_id: str) -> None:
         """A request that will never run (cancelled while waiting): drop the predictions kept for it."""

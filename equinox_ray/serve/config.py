@@ -120,6 +120,9 @@ class LimitsConfig(Strict):
     retry_after_s: int = Field(1, ge=1)
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_cap: int | None = Field(None, ge=1, description="largest max_tokens a client may ask for")
+    max_body_bytes: int = Field(4 * 1024**2, ge=1024, description="largest request body; past it, 413 before parsing")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="largest prompt in tokens (None: the context "
+                                                                   "length of the largest pool)")
 
 
 class IngressConfig(Strict):
@@ -141,6 +144,23 @@ class ModelConfig(Strict):
     tokenizer: str | None = Field("models/tiny-llama", description="tokenizer directory; None counts words")
 
 
+class CheckpointConfig(Strict):
+    """Where the controller keeps what must outlive it (per-user counters, usage totals, the predictor's online
+    corrections), and how often it writes them."""
+
+    store: Literal["gcs", "file", "none"] = Field("gcs", description="gcs: Ray's GCS key-value store (outlives "
+                                                                   "the controller's process); file: `path`")
+    path: str | None = Field(None, description="the file, for store: file (on storage every node sees)")
+    key: str = Field("equinox-ray/checkpoint", description="the GCS key (the application name is appended)")
+    interval_s: float = Field(1.0, gt=0, description="the most charges a restart can forget are this long's")
+
+    @model_validator(mode="after")
+    def _path(self) -> "CheckpointConfig":
+        if self.store == "file" and not self.path:
+            raise ValueError("checkpoint.store file needs checkpoint.path")
+        return self
+
+
 class AppConfig(Strict):
     model: ModelConfig = ModelConfig()
     ingress: IngressConfig = IngressConfig()
@@ -156,6 +176,7 @@ class AppConfig(Strict):
     records_path: str | None = Field(None, description="append a JSONL completion record per finished request "
                                                        "(predictors/records.py), to train MoPE on")
     telemetry: TelemetryConfig = TelemetryConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _unique(self) -> "AppConfig":

@@ -11,6 +11,7 @@ policy grants and a replica has a free slot, hand out grants. A grant puts a `Gr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import defaultdict, deque
@@ -22,6 +23,7 @@ from equinox_ray.fairness import Outcome, PoolView, Prediction, Request, User
 from equinox_ray.fairness.live import PredictionError, SlidingService
 from equinox_ray.fairness.metrics import percentiles
 from equinox_ray.fairness.pools import fitting_pools
+from equinox_ray.serve.checkpoint import Checkpoint, UsageTotals
 from equinox_ray.serve.config import AppConfig, PolicyConfig, PoolConfig
 from equinox_ray.serve.errors import Busy
 from equinox_ray.serve.policies import make_policy
@@ -30,6 +32,9 @@ from equinox_ray.serve.protocol import (
 )
 from equinox_ray.telemetry.spans import accounting_span, tracer_of
 from equinox_ray.telemetry.tracing import make_provider
+
+log = logging.getLogger("ray.serve")
+LOST_GRACE_S = 2.0
 
 JAIN_WINDOW_S = 60.0
 
@@ -54,10 +59,11 @@ class ReplicaState:
     running: int = 0  # granted here and not finished, as the controller counts it
     routable: bool = False  # Serve routes to it: it has started and is not being stopped
     report: ReplicaReport | None = None
+    lost_at: float | None = None  # when an ingress lost its channel to it; a report after LOST_GRACE_S clears it
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.window - self.running) if self.routable else 0
+        return max(0, self.window - self.running) if self.routable and self.lost_at is None else 0
 
 
 @dataclass
@@ -101,6 +107,7 @@ class UserStats:
     finished: int = 0
     rejected: int = 0
     cancelled: int = 0
+    retried: int = 0  # attempts whose replica died before their first token, queued again
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft_s: deque = field(default_factory=lambda: deque(maxlen=256))
@@ -143,12 +150,16 @@ class FairnessController:
         self.tracer = tracer if tracer is not None else tracer_of(make_provider(config.telemetry, "controller"))
         self._records = open(config.records_path, "a") if config.records_path else None
         self._backlog: tuple[float, dict[str, int]] | None = None  # (when, counts): see backlog()
+        self.version = 0  # grows with every change a checkpoint would hold
 
     def now(self) -> float:
         return self.clock() - self._t0
 
     # -- from the ingress replicas ----------------------------------------------------------------------------
     def apply(self, batch: IngressBatch) -> None:
+        self.version += 1
+        for replica in batch.lost:
+            self.replica_unreachable(replica)
         queued = [request for s in batch.submissions if (request := self._submit(batch.ingress, s)) is not None]
         if queued:
             self.policy.prepare(queued, [p.view() for p in self.pools.values()])
@@ -162,6 +173,8 @@ class FairnessController:
 
     def _submit(self, ingress: str, submission: Submission) -> Request | None:
         user, generation = submission.user, submission.generation
+        if generation.id in self.tracked:  # sent again by an ingress that could not know it arrived
+            return None
         if user not in self.policy.users:
             if self.config.auth:  # the ingress authenticated the key; a user removed since then is refused
                 self.to_ingress.put(ingress, Refusal(generation.id, f"unknown user {user!r}", 0.0))
@@ -177,7 +190,10 @@ class FairnessController:
         request = Request(generation.id, user, self.now(), prompt_tokens, generation.max_tokens)
         self.tracked[request.id] = Tracked(request, Dispatch(generation, ingress))
         self.policy.submit(request, self.now())
-        self.stats[user].submitted += 1
+        if submission.retry_of is not None:
+            self.stats[user].retried += 1
+        else:
+            self.stats[user].submitted += 1
         self.submitted_by_ingress[ingress] += 1
         return request
 
@@ -264,6 +280,19 @@ class FairnessController:
             state.routable = routable
         self._dispatch()
 
+    def ready(self) -> bool:
+        """A pool can serve: one of its replicas is connected and Serve routes to it."""
+        return any(state.free_slots or state.running for pool in self.pools.values()
+                   for state in pool.replicas.values() if state.routable and state.lost_at is None)
+
+    def replica_unreachable(self, replica: str) -> None:
+        """An ingress lost its channel to this replica: dispatch nothing more there until it reports again after
+        LOST_GRACE_S (a dead one never does; its work stream closes and `replica_gone` forgets it)."""
+        for pool in self.pools.values():
+            state = pool.replicas.get(replica)
+            if state is not None:
+                state.lost_at = self.now()
+
     def replica_gone(self, replica: str) -> None:
         """Its work stream closed. Its requests end as their ingresses see their channels close."""
         self.to_replica.drop(replica)
@@ -275,8 +304,33 @@ class FairnessController:
         state = pool.replicas.get(report.replica)
         if state is not None:
             state.window, state.report, state.seen = report.window, report, self.now()
+            if state.lost_at is not None and self.now() - state.lost_at > LOST_GRACE_S:
+                state.lost_at = None  # alive after all: the channel broke, not the replica
         self._dispatch()
         return ReportAnswer(self.backlog().get(report.pool, 0), pool.running)
+
+    # -- what outlives a restart -------------------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        predictor = getattr(self.policy, "predictor", None)
+        usage = {user: UsageTotals(s.submitted, s.finished, s.rejected, s.cancelled, s.retried, s.prompt_tokens,
+                                   s.output_tokens) for user, s in self.stats.items()}
+        return Checkpoint(self.policy.name, self.policy.durable_state(), usage,
+                          predictor.online_state() if hasattr(predictor, "online_state") else None, time.time())
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Counters, usage and predictor corrections as the last checkpoint had them. Requests are not in it:
+        the ingress replicas submit their waiting ones again, and a running one's finish (unknown here) is not
+        charged again."""
+        if checkpoint.policy == self.policy.name:
+            self.policy.restore(checkpoint.counters)
+        else:
+            log.warning("checkpoint of policy %s, running %s: its counters are not restored", checkpoint.policy,
+                        self.policy.name)
+        for user, totals in checkpoint.usage.items():
+            self.stats[user].__dict__.update(totals.__dict__)
+        predictor = getattr(self.policy, "predictor", None)
+        if checkpoint.predictor is not None and hasattr(predictor, "restore_online"):
+            predictor.restore_online(checkpoint.predictor)
 
     # -- admin ------------------------------------------------------------------------------------------------
     def set_policy(self, config: PolicyConfig) -> str:
@@ -290,6 +344,7 @@ class FairnessController:
 
     # -- dispatch ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
+        self.version += 1
         views = {name: p.view() for name, p in self.pools.items()}  # only the granted pool's changes per grant
         while True:
             decision = self.policy.schedule(list(views.values()), self.now())
@@ -347,6 +402,7 @@ class FairnessController:
                 "running": running[name],
                 "counters": self.policy.counters(name) if name in self.policy.users else {},
                 "submitted": s.submitted, "finished": s.finished, "rejected": s.rejected, "cancelled": s.cancelled,
+                "retried": s.retried,
                 "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens,
                 "service": self.policy_service(s.prompt_tokens, s.output_tokens),
                 "ttft_s": _percentiles(s.ttft_s), "e2e_s": _percentiles(s.e2e_s),

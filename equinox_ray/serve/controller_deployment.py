@@ -18,6 +18,7 @@ from typing import AsyncIterator
 from ray import serve
 
 from equinox_ray.engines.replica import ReplicaReport
+from equinox_ray.serve.checkpoint import CheckpointStore
 from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.controller import FairnessController
 from equinox_ray.serve.protocol import IngressBatch, ReplicaHello, ReportAnswer
@@ -40,6 +41,14 @@ class ControllerDeployment:
         self.controller.to_ingress.notify = self._notify
         self.controller.to_replica.notify = self._notify
         loop, app = asyncio.get_running_loop(), serve.get_replica_context().app_name
+        self._checkpoints = CheckpointStore(config.checkpoint, app)
+        self._checkpoint_task = None
+        if config.checkpoint.store != "none":
+            restored = await asyncio.to_thread(self._checkpoints.load)
+            if restored is not None:
+                self.controller.restore(restored)
+                log.info("fairness counters restored from the checkpoint written at %.3f", restored.written_at)
+            self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(config.checkpoint.interval_s))
         self._pool_handles = []
         for pool in config.pools:  # Serve's routable replicas of each pool (routing.py)
             watch_replicas(pool.deployment_name, lambda ids, name=pool.name: loop.call_soon_threadsafe(
@@ -47,6 +56,18 @@ class ControllerDeployment:
             # a handle's router hears of the replicas from its first use on (the pools hold handles to us: a
             # handle to them cannot be bound in, which would be a cycle)
             self._pool_handles.append(serve.get_deployment_handle(pool.deployment_name, app).options())
+
+    async def _checkpoint_loop(self, interval_s: float) -> None:
+        saved = self.controller.version
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.controller.version == saved:
+                continue
+            saved = self.controller.version
+            try:
+                await asyncio.to_thread(self._checkpoints.save, self.controller.checkpoint())
+            except Exception:
+                log.exception("checkpoint of the fairness counters failed; retrying in %.1f s", interval_s)
 
     def _notify(self, destination: str) -> None:
         event = self._wake.get(destination)
@@ -88,6 +109,9 @@ class ControllerDeployment:
 
     async def report(self, report: ReplicaReport) -> ReportAnswer:
         return self.controller.report(report)
+
+    async def ready(self) -> bool:
+        return self.controller.ready()
 
     # -- views and admin --------------------------------------------------------------------------------------
     async def snapshot(self, user: str | None = None) -> dict:

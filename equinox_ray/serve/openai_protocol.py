@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class _Body(BaseModel):
@@ -28,7 +30,7 @@ class _Body(BaseModel):
 
 
 class CompletionRequest(_Body):
-    prompt: str | list[int] = Field(min_length=1)
+    prompt: str | list[TokenId] = Field(min_length=1)
 
 
 class ChatMessage(BaseModel):
@@ -55,6 +57,33 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def unencodable(value, path: str = "") -> str | None:
+    """The path of the first string (or key) in a parsed JSON value that is not valid Unicode (a lone surrogate
+    such as "\\ud800" parses, but no tokenizer or encoder can take it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = unencodable(key, path) or unencodable(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = unencodable(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """What a client sees of an internal failure: its first line, cut short (the log has the rest)."""
+    line = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def usage(prompt_tokens: int, output_tokens: int) -> dict:

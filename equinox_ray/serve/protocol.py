@@ -26,6 +26,7 @@ class Submission:
 
     user: str
     generation: GenerationRequest
+    retry_of: str | None = None  # the request id of an attempt whose replica died before its first token
 
     @property
     def request_id(self) -> str:
@@ -52,9 +53,10 @@ class IngressBatch:
     progress: dict[str, int] = field(default_factory=dict)  # request id -> new tokens streamed since the last batch
     finished: list[Finished] = field(default_factory=list)
     withdrawn: list[str] = field(default_factory=list)  # clients that went away before their request finished
+    lost: list[str] = field(default_factory=list)  # pool replicas whose token channel to this ingress closed
 
     def __bool__(self) -> bool:
-        return bool(self.submissions or self.progress or self.finished or self.withdrawn)
+        return bool(self.submissions or self.progress or self.finished or self.withdrawn or self.lost)
 
 
 @dataclass(frozen=True)
