@@ -42,12 +42,13 @@ class Plan:
     long_tokens: int
     short_tokens: int
     two_ingress: bool = True  # also the full path with 2 ingress replicas, and unary requests
+    wait_deletes: bool = True  # a stage starts once the last one's apps are gone (their replicas burn CPU)
     grant_ingress: int = 4  # ingress replicas sending to the controller in the grant stage
 
 
 FULL = Plan(seconds=10.0, rounds=2, light_requests=200, streams=(64, 256), long_tokens=256, short_tokens=32)
 SMOKE = Plan(seconds=2.0, rounds=1, light_requests=20, streams=(64,), long_tokens=64, short_tokens=16,
-             two_ingress=False, grant_ingress=2)
+             two_ingress=False, grant_ingress=2, wait_deletes=False)
 
 
 def sim_pool(gpu: str, window: int = 256, time_scale: float = 1.0) -> dict:
@@ -207,7 +208,7 @@ def main(smoke: bool = False, out: Path = RESULTS) -> dict:
         light = light_latency(("fwd", "eq1"), plan.light_requests)
         for name in apps:
             if name != "eq1":
-                serve.delete(name, _blocking=False)  # its replicas wait out their streams; the next stage need not
+                serve.delete(name, _blocking=plan.wait_deletes)
         report["a100"] = {"loads": rows, "engine": engine, "light_ms": {
             app: {"p50": 1000 * float(np.median(t)), "p99": 1000 * float(np.percentile(t, 99))}
             for app, t in light.items()}}
@@ -237,7 +238,7 @@ def h100_stage(plan: Plan) -> dict:
         for n in plan.streams:
             rows[n].append(measure("eqh", load_for("eqh", plan.long_tokens, True), n, plan.seconds))
     engine = {n: asyncio.run(in_process("H100", n, plan.long_tokens, plan.seconds)) for n in plan.streams}
-    serve.delete("eqh", _blocking=False)
+    serve.delete("eqh", _blocking=plan.wait_deletes)
     return {"loads": rows, "engine": engine}
 
 
@@ -251,7 +252,7 @@ def grant_stage(plan: Plan) -> dict:
     pool = sim_pool("H100", window=256, time_scale=20.0)
     deploy({"eq4": build(app_config(pool, plan.grant_ingress))})
     row = measure("eq4", load_for("eq4", 4, stream=False), 128, plan.seconds * (2 if plan.two_ingress else 1))
-    serve.delete("eq4", _blocking=False)
+    serve.delete("eq4", _blocking=plan.wait_deletes)
     controller_s = row["cpu_s"]["controller"]
     return {**row, "grants_per_controller_cpu_s": row["requests"] / max(controller_s, 1e-9)}
 

@@ -18,11 +18,13 @@ log = logging.getLogger("ray.serve")
 
 @dataclass
 class UsageTotals:
+    """A user's requests by outcome and tokens served, since the service first started."""
+
     submitted: int = 0
     finished: int = 0
     rejected: int = 0
     cancelled: int = 0
-    retried: int = 0
+    retried: int = 0  # attempts whose replica died before their first token, queued again
     prompt_tokens: int = 0
     output_tokens: int = 0
 

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from equinox_ray.engines.replica import ReplicaReport
@@ -102,14 +102,9 @@ class PoolState:
 
 
 @dataclass
-class UserStats:
-    submitted: int = 0
-    finished: int = 0
-    rejected: int = 0
-    cancelled: int = 0
-    retried: int = 0  # attempts whose replica died before their first token, queued again
-    prompt_tokens: int = 0
-    output_tokens: int = 0
+class UserStats(UsageTotals):
+    """The totals a checkpoint keeps, and recent latencies it does not."""
+
     ttft_s: deque = field(default_factory=lambda: deque(maxlen=256))
     e2e_s: deque = field(default_factory=lambda: deque(maxlen=256))
 
@@ -312,8 +307,8 @@ class FairnessController:
     # -- what outlives a restart -------------------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
         predictor = getattr(self.policy, "predictor", None)
-        usage = {user: UsageTotals(s.submitted, s.finished, s.rejected, s.cancelled, s.retried, s.prompt_tokens,
-                                   s.output_tokens) for user, s in self.stats.items()}
+        usage = {user: UsageTotals(**{f.name: getattr(s, f.name) for f in fields(UsageTotals)})
+                 for user, s in self.stats.items()}
         return Checkpoint(self.policy.name, self.policy.durable_state(), usage,
                           predictor.online_state() if hasattr(predictor, "online_state") else None, time.time())
 
