@@ -355,3 +355,19 @@ def test_a_checkpoint_of_another_policy_restores_usage_but_not_its_counters():
     restarted = controller(config(name="equinox", predictor="moving-average"))
     restarted.restore(checkpoint)
     assert restarted.stats["a"].submitted == 1 and restarted.policy.counters("a")["service"] == 0
+
+
+def test_a_batch_sent_again_after_a_lost_answer_is_applied_once():
+    ctl = controller()
+    generation = GenerationRequest("r0", 10, prompt_token_ids=[1] * 10)
+    first = IngressBatch("i0", submissions=[Submission("a", generation)], seq=1)
+    ctl.apply(first)
+    grants(ctl)
+    progress = IngressBatch("i0", progress={"r0": 5}, seq=2)
+    ctl.apply(progress)
+    served = ctl.policy.counters("a")["service"]
+    ctl.apply(progress)  # the ingress timed out waiting for the answer and sent it again
+    ctl.apply(first)
+    assert ctl.policy.counters("a")["service"] == served and ctl.stats["a"].submitted == 1
+    ctl.apply(IngressBatch("i0", progress={"r0": 5}, seq=3))
+    assert ctl.policy.counters("a")["service"] > served

@@ -137,6 +137,7 @@ class FairnessController:
         self.stats: dict[str, UserStats] = defaultdict(UserStats)
         self.tracked: dict[str, Tracked] = {}
         self.submitted_by_ingress: dict[str, int] = defaultdict(int)
+        self.applied_seq: dict[str, int] = {}  # ingress -> the last batch applied
         self.to_ingress = Mailboxes()
         self.to_replica = Mailboxes()
         self.service_window = SlidingService(JAIN_WINDOW_S)
@@ -152,6 +153,9 @@ class FairnessController:
 
     # -- from the ingress replicas ----------------------------------------------------------------------------
     def apply(self, batch: IngressBatch) -> None:
+        if batch.seq and batch.seq <= self.applied_seq.get(batch.ingress, 0):
+            return  # sent again after a call that did reach us
+        self.applied_seq[batch.ingress] = batch.seq
         self.version += 1
         for replica in batch.lost:
             self.replica_unreachable(replica)

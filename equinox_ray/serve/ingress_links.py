@@ -20,6 +20,7 @@ from equinox_ray.serve.protocol import Finished, Grant, IngressBatch, Refusal, S
 
 log = logging.getLogger("ray.serve")
 RECONNECT_S = 0.5
+UPDATE_TIMEOUT_S = 10.0
 CHANNEL_OPEN_TIMEOUT_S = 30.0
 ENDED = ("abort", "error")  # finish reasons of a request that did not complete
 
@@ -55,6 +56,7 @@ class ControllerLink:
         self.on_grant = on_grant
         self.inflight: dict[str, Inflight] = {}
         self._batch = IngressBatch(ingress)
+        self._seq = 0
         self._pending = asyncio.Event()
         self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._grant_loop())]
 
@@ -146,23 +148,20 @@ class ControllerLink:
                 last["submissions"] = last["any"]
             if batch.finished or batch.withdrawn:
                 last["finishes"] = last["any"]
-            try:
-                await self.controller.update.remote(batch)
-            except Exception:
-                log.warning("update to the fairness controller failed; it is resent", exc_info=True)
-                self._requeue(batch)
-                await asyncio.sleep(RECONNECT_S)
+            self._seq += 1
+            batch.seq = self._seq
+            await self._send_batch(batch)
 
-    def _requeue(self, batch: IngressBatch) -> None:
-        """A batch the controller did not take goes out again with the next one, in front of what came since."""
-        newer, self._batch = self._batch, batch
-        batch.submissions += newer.submissions
-        for request_id, tokens in newer.progress.items():
-            batch.progress[request_id] = batch.progress.get(request_id, 0) + tokens
-        batch.finished += newer.finished
-        batch.withdrawn += newer.withdrawn
-        batch.lost += newer.lost
-        self._pending.set()
+    async def _send_batch(self, batch: IngressBatch) -> None:
+        """Until the controller has it: a call that fails, or does not answer within UPDATE_TIMEOUT_S, is made
+        again with the same batch (the controller applies a batch once, by its sequence number)."""
+        while True:
+            try:
+                await asyncio.wait_for(self.controller.update.remote(batch), UPDATE_TIMEOUT_S)
+                return
+            except Exception as exc:  # includes the timeout
+                log.warning("update %d to the fairness controller failed (%r); sending it again", batch.seq, exc)
+                await asyncio.sleep(RECONNECT_S)
 
     async def _grant_loop(self) -> None:
         reconnecting = False

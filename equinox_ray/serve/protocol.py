@@ -54,6 +54,7 @@ class IngressBatch:
     finished: list[Finished] = field(default_factory=list)
     withdrawn: list[str] = field(default_factory=list)  # clients that went away before their request finished
     lost: list[str] = field(default_factory=list)  # pool replicas whose token channel to this ingress closed
+    seq: int = 0  # the ingress's count of its batches: a batch sent again is applied once
 
     def __bool__(self) -> bool:
         return bool(self.submissions or self.progress or self.finished or self.withdrawn or self.lost)
