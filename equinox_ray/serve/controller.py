@@ -146,7 +146,7 @@ class FairnessController:
         self.tracer = tracer if tracer is not None else tracer_of(make_provider(config.telemetry, "controller"))
         self._records = open(config.records_path, "a") if config.records_path else None
         self._backlog: tuple[float, dict[str, int]] | None = None  # (when, counts): see backlog()
-        self.version = 0  # grows with every change a checkpoint would hold
+        self.version = 0  # grows with every change a checkpoint would hold: a batch applied, a grant made
 
     def now(self) -> float:
         return self.clock() - self._t0
@@ -281,8 +281,8 @@ class FairnessController:
 
     def ready(self) -> bool:
         """A pool can serve: one of its replicas is connected and Serve routes to it."""
-        return any(state.free_slots or state.running for pool in self.pools.values()
-                   for state in pool.replicas.values() if state.routable and state.lost_at is None)
+        return any(state.routable and state.lost_at is None
+                   for pool in self.pools.values() for state in pool.replicas.values())
 
     def replica_unreachable(self, replica: str) -> None:
         """An ingress lost its channel to this replica: dispatch nothing more there until it reports again after
@@ -343,7 +343,6 @@ class FairnessController:
 
     # -- dispatch ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
-        self.version += 1
         views = {name: p.view() for name, p in self.pools.items()}  # only the granted pool's changes per grant
         while True:
             decision = self.policy.schedule(list(views.values()), self.now())
@@ -358,6 +357,7 @@ class FairnessController:
                                          "kv_usage": view.kv_usage, "window": pool.capacity()}
             pool.replicas[replica_name].running += 1
             pool.granted += 1
+            self.version += 1  # a grant charged its user
             tracked.granted_at, tracked.replica, tracked.prediction = self.now(), replica_name, decision.prediction
             ingress = tracked.dispatch.ingress
             self.to_replica.put(replica_name, tracked.dispatch)
