@@ -65,12 +65,22 @@ def test_vtc_lifts_a_newly_backlogged_user_to_the_smallest_backlogged_counter():
     assert policy.served["c"] == 500.0  # never lowered
 
 
-def test_vtc_no_lift_when_nobody_else_is_backlogged():
+def test_vtc_lifts_a_user_joining_an_idle_queue_to_the_user_that_left_it_last():
+    policy = VTC(users("a", "b", "c"))
+    policy.submit(req("a0", "a", prompt=100), 0)
+    drain(policy)  # nobody waits now; a left the queue last
+    policy.submit(req("b0", "b"), 1)
+    assert policy.served["b"] == 100.0
+    drain(policy)
+    policy.served["c"] = 500.0
+    policy.submit(req("c0", "c"), 2)
+    assert policy.served["c"] == 500.0  # never lowered
+
+
+def test_the_first_user_of_an_empty_server_is_not_lifted():
     policy = VTC(users("a", "b"))
     policy.submit(req("a0", "a", prompt=100), 0)
-    drain(policy)
-    policy.submit(req("b0", "b"), 1)
-    assert policy.served["b"] == 0.0
+    assert policy.served["a"] == 0.0
 
 
 def test_vtc_does_not_skip_a_head_request_that_does_not_fit():
@@ -204,6 +214,41 @@ def test_vtc_service_gap_between_backlogged_users_is_bounded(workload, capacity)
     longest_input = max(r.prompt_tokens for _, r, _ in arrivals)
     bound = 2 * max(1 * longest_input, 2 * capacity)
     assert max_gap_while_backlogged(result, "u0", "u1") <= bound
+
+
+@st.composite
+def on_off_workload(draw):
+    """f sends alone for a while, never waiting (one request per period, long enough to finish it), light users
+    send a few small requests that never queue, then g arrives first and both flood: VTC's bound must hold from then
+    on, whatever the idle history."""
+    capacity = draw(st.integers(200, 600))
+    size = draw(st.integers(10, min(100, capacity // 4)))
+    period = 2 * size + draw(st.integers(1, 40))
+    solo = draw(st.integers(1, 40))
+    arrivals = [(k * period, Request(f"f{k}", "f", float(k * period), size, size), size) for k in range(solo)]
+    for k in range(draw(st.integers(0, 4))):
+        step = draw(st.integers(0, solo * period))
+        arrivals.append((step, Request(f"l{k}", "light", float(step), 2, 2), 2))
+    flood_at = solo * period + draw(st.integers(0, 50))
+    n_flood = draw(st.integers(10, 30))
+    for k in range(n_flood):
+        p, o = draw(st.integers(1, 60)), draw(st.integers(1, 60))
+        arrivals.append((flood_at, Request(f"g{k}", "g", float(flood_at), p, o), o))
+        arrivals.append((flood_at + 1, Request(f"F{k}", "f", float(flood_at + 1), p, o), o))
+    return capacity, arrivals, flood_at + 30 * 60
+
+
+@settings(max_examples=60, deadline=None)
+@given(on_off_workload(), st.sampled_from(["vtc", "vtc-predict", "equinox"]))
+def test_gap_bound_holds_for_users_that_come_and_go(workload, label):
+    capacity, arrivals, steps = workload
+    names = users("f", "g", "light")
+    policy = {"vtc": lambda: VTC(names), "vtc-predict": lambda: VTC(names, predictor=MovingAveragePredictor()),
+              "equinox": lambda: Equinox(names, weights=EquinoxWeights(latency=0.0, resource=0.0),
+                                         dispatch="least_loaded")}[label]()
+    result = run(policy, arrivals, capacity=capacity, steps=steps)
+    longest_input = max(r.prompt_tokens for _, r, _ in arrivals)
+    assert max_gap_while_backlogged(result, "f", "g") <= 2 * max(1 * longest_input, 2 * capacity)
 
 
 @settings(max_examples=40, deadline=None)

@@ -41,6 +41,7 @@ class Policy:
         self.running: dict[str, Request] = {}
         self._heap = UserHeap()
         self._dirty: set[str] = set()
+        self._last_left: str | None = None  # the user whose queue emptied most recently
         for user in users:
             self.add_user(user)
 
@@ -63,6 +64,14 @@ class Policy:
 
     def on_backlogged(self, user: str) -> None:
         """Called when a user's queue goes from empty to non-empty, before the request joins it."""
+
+    def lift_floor(self, user: str) -> float | None:
+        """The key a newly backlogged user is lifted to (VTC's paper, Algorithm 2): the smallest key among backlogged
+        users or, when nobody waits, the key of the user whose queue emptied last. None: nobody to compare with."""
+        floor = self.min_backlogged_key()
+        if floor is None and self._last_left is not None and self._last_left != user:
+            floor = self.key(self._last_left)
+        return floor
 
     def choose_pool(self, request: Request, candidates: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:
         return least_loaded(candidates), None
@@ -117,6 +126,7 @@ class Policy:
         pool, prediction = self.choose_pool(request, candidates)
         score, before = self.key(user), self.counters(user)
         self.queues.pop(user)
+        self._note_left(user)
         request.granted_at, request.pool = now, pool.name
         self.running[request.id] = request
         self.on_admit(request, pool, prediction, now)
@@ -149,6 +159,7 @@ class Policy:
         request = self.queues.remove(request_id)
         if request is not None:
             self._dirty.add(request.user)
+            self._note_left(request.user)
             self.on_cancel(request)
         return request
 
@@ -162,6 +173,10 @@ class Policy:
     def min_backlogged_key(self) -> float | None:
         top = self._heap.peek()
         return None if top is None else top[1][0]
+
+    def _note_left(self, user: str) -> None:
+        if not self.queues.backlogged(user):
+            self._last_left = user
 
     def _flush(self) -> None:
         for user in self._dirty:

@@ -3,7 +3,9 @@
 Each user has a counter of weighted service: `w_in` per input token, charged at admission, and `w_out` per output
 token, charged as it is decoded, both divided by the user's weight. The backlogged user with the smallest counter goes
 next. When a user's queue goes from empty to non-empty its counter is lifted to the smallest counter among the other
-backlogged users, so idle time is not banked as credit.
+backlogged users or, when nobody waits, to the counter of the user whose queue emptied last, so idle time is not
+banked as credit. The artifact omits the second case; the paper's Algorithm 2 has it, and without it a user who
+joins an idle queue keeps all the credit of its idle time (tests/test_policies.py shows the bound break).
 
 With an output predictor this is the artifact's VTC_predict / VTC_oracle: the predicted output is charged at
 admission, tokens past the prediction are charged as they come, and an over-prediction is refunded at finish.
@@ -52,7 +54,7 @@ class VTC(Policy):
         return {"service": self.served[user]}
 
     def on_backlogged(self, user: str) -> None:
-        floor = self.min_backlogged_key()
+        floor = self.lift_floor(user)
         if floor is not None:
             self.lift(user, floor)
 
