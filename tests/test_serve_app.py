@@ -66,6 +66,20 @@ def test_three_users_stream_and_not_with_usage_matching_what_was_served(app):
         assert after[name]["output_tokens"] - before[name]["output_tokens"] == 12 + 7 + 5 + 3
 
 
+def test_chat_content_as_a_list_of_text_parts_is_the_same_prompt_as_a_string(app):
+    """openai-chat load generators (vllm bench serve, guidellm) send content as parts."""
+    c = client(ALICE)
+    as_string = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka lo mi"}],
+                                          max_tokens=2, extra_body={"ignore_eos": True})
+    as_parts = c.chat.completions.create(
+        model=MODEL, max_tokens=2, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "ka lo"}, {"type": "text", "text": " mi"}]}])
+    assert as_parts.usage.prompt_tokens == as_string.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError):  # an image part is refused, not ignored
+        c.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://example.invalid/cat.png"}}]}])
+
+
 def test_both_ingress_replicas_serve_and_the_controller_counts_the_usage_of_both(app):
     """HAProxy spreads connections over the two ingress replicas; one controller charges what both served."""
     before = fairness(ADMIN)

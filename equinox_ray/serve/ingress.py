@@ -146,8 +146,8 @@ class Tokenizer:
 
     def chat(self, messages) -> list[int]:
         if self.hf is not None and getattr(self.hf, "chat_template", None):
-            return self.hf.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True)
-        return self.encode("".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:")
+            return self.hf.apply_chat_template([m.template_message() for m in messages], add_generation_prompt=True)
+        return self.encode("".join(f"{m.role}: {m.text}\n" for m in messages) + "assistant:")
 
     async def run(self, encode, payload, size: int) -> list[int]:
         if size > TOKENIZE_IN_THREAD_CHARS:
@@ -239,7 +239,7 @@ class EquinoxIngress:
     async def chat_completions(self, request: Request):
         body = await _parse(request, ChatRequest, self.config.limits.max_body_bytes)
         user = self._user_for_key(_bearer(request), body.user)
-        size = sum(len(m.content) for m in body.messages)
+        size = sum(len(m.text) for m in body.messages)
         ids = await self.tokenizer.run(self.tokenizer.chat, body.messages, size)
         return await self._serve(body, user, ids, body.requested_max_tokens, chat=True)
 

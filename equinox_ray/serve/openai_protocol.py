@@ -33,10 +33,24 @@ class CompletionRequest(_Body):
     prompt: str | list[TokenId] = Field(min_length=1)
 
 
+class TextPart(BaseModel):
+    """One part of a chat message's content; this text-only model takes no images, audio or files."""
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[TextPart]  # OpenAI's two forms: a string, or a list of parts (openai-chat clients send this)
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def template_message(self) -> dict:
+        return {"role": self.role, "content": self.text}
 
 
 class ChatRequest(_Body):
