@@ -30,8 +30,8 @@ class Scenario:
     time_scale: float  # arrival times divided by this
     max_tokens_cap: int | None  # the client's max_tokens; None: the true length (the VTC artifact's setting)
     window_s: float  # window for service, Jain's index and the service difference
-    policies: tuple[str, ...] = ("fcfs", "vtc", "vtc-predict", "equinox", "equinox-no-latency",
-                                 "equinox-no-resource")
+    policies: tuple[str, ...] = ("fcfs", "vtc", "vtc-predict", "equinox", "equinox-fifo", "equinox-no-slack",
+                                 "equinox-holistic")
 
     @property
     def metrics_window_s(self) -> float:

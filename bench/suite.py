@@ -17,9 +17,10 @@ POLICY_NOTES = {
     "fcfs": "first come, first served",
     "vtc": "VTC (the artifact's counter, input at admission, output per token)",
     "vtc-predict": "VTC charging MoPE's predicted output at admission",
-    "equinox": "Equinox, default weights (alpha = beta = 0.5), MoPE, fastest-pool dispatch",
-    "equinox-no-latency": "ablation: Equinox with alpha = 0 (no latency deficit)",
-    "equinox-no-resource": "ablation: Equinox with beta = 0 (no resource counter)",
+    "equinox": "Equinox, default config (docs/design.md), MoPE, fastest-pool dispatch",
+    "equinox-fifo": "ablation: Equinox with each user's queue FIFO (max_overtakes = 0)",
+    "equinox-no-slack": "ablation: Equinox with the smallest key always next (slack_tokens = 0)",
+    "equinox-holistic": "ablation: Equinox with the latency deficit and resource counter on (alpha = beta = 0.5)",
 }
 
 
@@ -29,15 +30,20 @@ POLICIES = {
     "vtc": {"name": "vtc"},
     "vtc-predict": {"name": "vtc-predict"},
     "equinox": {"name": "equinox"},
-    "equinox-no-latency": {"name": "equinox", "weights": {"latency": 0.0}},
-    "equinox-no-resource": {"name": "equinox", "weights": {"resource": 0.0}},
+    "equinox-fifo": {"name": "equinox", "efficiency": {"max_overtakes": 0}},
+    "equinox-no-slack": {"name": "equinox", "efficiency": {"slack_tokens": 0.0}},
+    "equinox-holistic": {"name": "equinox", "weights": {"latency": 0.5, "resource": 0.5}},
 }
 
 
-def make_policy(label: str, users: list[User], predictor: str = "mope") -> Policy:
+def policy_config(label: str, predictor: str = "mope") -> PolicyConfig:
     if label not in POLICIES:
         raise ValueError(f"unknown policy {label!r}; known: {', '.join(POLICIES)}")
-    return serve_policy(PolicyConfig.model_validate({**POLICIES[label], "predictor": predictor}), users)
+    return PolicyConfig.model_validate({**POLICIES[label], "predictor": predictor})
+
+
+def make_policy(label: str, users: list[User], predictor: str = "mope") -> Policy:
+    return serve_policy(policy_config(label, predictor), users)
 
 
 @dataclass

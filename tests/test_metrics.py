@@ -60,3 +60,23 @@ def test_latency_percentiles_and_throughput():
 def test_record_times_must_be_ordered():
     with pytest.raises(ValueError, match="arrival <= granted"):
         rec("x", "a", 5, 4, 6, 7)
+
+
+def test_backlogged_pair_gap_counts_only_runs_where_both_stayed_backlogged():
+    from equinox_ray.fairness.metrics import WindowedService, backlogged_pair_gap
+
+    service = np.array([[1, 5, 5, 1, 9], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0.0]])
+    backlogged = np.array([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=bool)
+    ws = WindowedService(np.arange(6.0), ["a", "b", "c"], service, service, backlogged)
+    assert backlogged_pair_gap(ws) == 9.0  # windows 0-2 give 8; window 4 alone gives 9; window 3 breaks the run
+    backlogged[0, 4] = False
+    assert backlogged_pair_gap(ws) == 8.0
+
+
+def test_steady_throughput_leaves_out_the_drain_tail_after_the_last_arrival():
+    from equinox_ray.fairness.metrics import CompletionRecord, steady_throughput, throughput
+
+    records = [CompletionRecord("a", "u", 0.0, 0.0, 0.0, 10.0, 0, 100),  # 10 tokens/s inside [0, 10]
+               CompletionRecord("b", "u", 10.0, 10.0, 10.0, 110.0, 0, 100)]  # starts at the last arrival
+    assert steady_throughput(records) == 10.0
+    assert throughput(records) < 2.0

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from equinox_ray.fairness import (
-    FCFS, VTC, Equinox, EquinoxWeights, InvalidRequest, MovingAveragePredictor, Outcome, Prediction, PoolView, Request,
+    FCFS, VTC, Efficiency, Equinox, EquinoxWeights, InvalidRequest, MovingAveragePredictor, Outcome, Prediction, PoolView, Request,
     UnknownUser, User, ZeroOutputPredictor,
 )
 from token_loop import max_gap_while_backlogged, run
@@ -216,6 +216,9 @@ def test_vtc_service_gap_between_backlogged_users_is_bounded(workload, capacity)
     assert max_gap_while_backlogged(result, "u0", "u1") <= bound
 
 
+SLACK = 300.0
+
+
 @st.composite
 def on_off_workload(draw):
     """f sends alone for a while, never waiting (one request per period, long enough to finish it), light users
@@ -245,10 +248,11 @@ def test_gap_bound_holds_for_users_that_come_and_go(workload, label):
     names = users("f", "g", "light")
     policy = {"vtc": lambda: VTC(names), "vtc-predict": lambda: VTC(names, predictor=MovingAveragePredictor()),
               "equinox": lambda: Equinox(names, weights=EquinoxWeights(latency=0.0, resource=0.0),
-                                         dispatch="least_loaded")}[label]()
+                                         efficiency=Efficiency(slack_tokens=SLACK), dispatch="least_loaded")}[label]()
     result = run(policy, arrivals, capacity=capacity, steps=steps)
     longest_input = max(r.prompt_tokens for _, r, _ in arrivals)
-    assert max_gap_while_backlogged(result, "f", "g") <= 2 * max(1 * longest_input, 2 * capacity)
+    slack = SLACK if label == "equinox" else 0.0
+    assert max_gap_while_backlogged(result, "f", "g") <= 2 * max(1 * longest_input, 2 * capacity) + slack
 
 
 @settings(max_examples=40, deadline=None)
@@ -257,10 +261,11 @@ def test_equinox_with_zero_latency_and_resource_weights_is_vtc(workload, capacit
     names, arrivals = workload
     slow = {names[seed % 3]: 1.0 + seed % 7}  # outcomes differ per user, so non-zero weights would show
     zero = EquinoxWeights(latency=0.0, resource=0.0)
+    off = Efficiency(max_overtakes=0, slack_tokens=0.0)
     runs = {}
     for label, predictor_on in [("plain", False), ("predicted", True)]:
         vtc = VTC(users(*names), predictor=MovingAveragePredictor() if predictor_on else None)
-        equinox = Equinox(users(*names), weights=zero, dispatch="least_loaded",
+        equinox = Equinox(users(*names), weights=zero, efficiency=off, dispatch="least_loaded",
                           predictor=MovingAveragePredictor() if predictor_on else ZeroOutputPredictor())
         a = run(vtc, _copy(arrivals), capacity, steps=300, pools=2, slow_users=slow)
         b = run(equinox, _copy(arrivals), capacity, steps=300, pools=2, slow_users=slow)
@@ -325,3 +330,51 @@ def test_the_gap_bound_is_not_vacuous_fcfs_breaks_it():
     fcfs = run(FCFS(users("u0", "u1")), flood + other, capacity=200, steps=600)
     vtc = run(VTC(users("u0", "u1")), _copy(flood + other), capacity=200, steps=600)
     assert max_gap_while_backlogged(fcfs, "u0", "u1") > bound >= max_gap_while_backlogged(vtc, "u0", "u1")
+
+
+def test_a_users_queue_runs_cheapest_first_and_a_request_is_overtaken_at_most_the_cap():
+    policy = Equinox(users("a"), efficiency=Efficiency(max_overtakes=2, slack_tokens=0.0), dispatch="least_loaded")
+    policy.submit(req("long", "a", prompt=900), 0)
+    for i in range(4):
+        policy.submit(req(f"s{i}", "a", prompt=10 + i), 0)
+    assert drain(policy) == ["s0", "s1", "long", "s2", "s3"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 500), st.booleans()), min_size=1, max_size=60), st.integers(0, 6))
+def test_no_request_is_overtaken_more_than_the_cap(ops, cap):
+    """Arrivals interleaved with grants and cancellations; FIFO when the cap is 0."""
+    policy = Equinox(users("a"), efficiency=Efficiency(max_overtakes=cap, slack_tokens=0.0), dispatch="least_loaded")
+    arrived, granted = [], []
+    for i, (prompt, grant) in enumerate(ops):
+        policy.submit(req(f"r{i}", "a", prompt=prompt), 0)
+        arrived.append(f"r{i}")
+        if i % 7 == 3:
+            policy.cancel(arrived[i // 2])
+        if grant and (g := policy.schedule(POOL, 0)) is not None:
+            granted.append(g.request.id)
+    granted += drain(policy)
+    order = {rid: n for n, rid in enumerate(granted)}
+    for rid in granted:
+        overtaken = sum(1 for other in arrived[arrived.index(rid) + 1:] if other in order and order[other] < order[rid])
+        assert overtaken <= cap
+
+
+@settings(max_examples=60, deadline=None)
+@given(overloaded_workload(n_users=2), st.integers(100, 400), st.sampled_from([0.0, 50.0, 400.0]))
+def test_equinox_gap_stays_within_vtcs_bound_plus_the_slack(workload, capacity, slack):
+    names, arrivals = workload
+    policy = Equinox(users(*names), weights=EquinoxWeights(latency=0.0, resource=0.0),
+                     efficiency=Efficiency(max_overtakes=4, slack_tokens=slack), dispatch="least_loaded")
+    result = run(policy, arrivals, capacity=capacity, steps=400)
+    longest_input = max(r.prompt_tokens for _, r, _ in arrivals)
+    assert max_gap_while_backlogged(result, "u0", "u1") <= 2 * max(1 * longest_input, 2 * capacity) + slack
+
+
+def test_the_slack_lets_a_user_with_a_cheap_head_go_first_and_only_within_the_slack():
+    for slack, first in [(0.0, "big"), (200.0, "small"), (50.0, "big")]:
+        policy = Equinox(users("big", "small"), efficiency=Efficiency(slack_tokens=slack), dispatch="least_loaded")
+        policy.served["small"] = 100.0
+        policy.submit(req("big1", "big", prompt=500), 0)
+        policy.submit(req("small1", "small", prompt=10), 0)
+        assert drain(policy)[0] == f"{first}1", slack

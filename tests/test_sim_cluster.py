@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bench.__main__ import main as bench_main
 from bench.report import counter_bound, lightest_users, metrics
 from bench.scenarios import A10G_TO_A100, MIXED, SCENARIOS, compressed, pool
 from bench.suite import Run, run_scenario
-from equinox_ray.fairness import FCFS, VTC, Equinox, EquinoxWeights, MovingAveragePredictor, Request
+from equinox_ray.fairness import FCFS, VTC, Efficiency, Equinox, EquinoxWeights, MovingAveragePredictor, Request
 from equinox_ray.fairness.metrics import service_difference, windowed_service
 from equinox_ray.sim import ClusterSim, PoolSpec
 from equinox_ray.workloads import synthetic, traces
@@ -57,11 +59,12 @@ def test_counter_gap_within_the_claimed_bound(overload_runs):
     assert overload_runs["fcfs"].result.max_counter_gap is None
 
 
-def test_equinox_with_zero_weights_runs_exactly_like_vtc_in_the_simulator():
+def test_equinox_with_zero_weights_and_efficiency_off_runs_exactly_like_vtc_in_the_simulator():
     workload = compressed(synthetic.poisson_short_long(duration=40.0), A10G_TO_A100)
     users = list(workload.users.values())
     vtc = ClusterSim(A100, VTC(users, predictor=MovingAveragePredictor())).run(workload)
     eq = ClusterSim(A100, Equinox(users, weights=EquinoxWeights(latency=0, resource=0),
+                                  efficiency=Efficiency(max_overtakes=0, slack_tokens=0),
                                   predictor=MovingAveragePredictor())).run(workload)
     assert [(r.request_id, r.granted) for r in vtc.records] == [(r.request_id, r.granted) for r in eq.records]
     beta = ClusterSim(A100, Equinox(users, weights=EquinoxWeights(latency=0, resource=5.0),
@@ -128,8 +131,10 @@ def test_bad_cluster_configs_are_refused():
 def test_bench_suite_smoke_writes_tables_and_plots(tmp_path):
     bench_main(["suite", "--scenario", "lmsys", "--smoke", "--predictor", "moving-average", "--out", str(tmp_path)])
     text = (tmp_path / "lmsys-smoke.md").read_text()
-    for label in ("fcfs", "vtc", "vtc-predict", "equinox", "equinox-no-latency", "equinox-no-resource"):
+    for label in ("fcfs", "vtc", "vtc-predict", "equinox", "equinox-fifo", "equinox-no-slack", "equinox-holistic"):
         assert f"| {label} |" in text
-    assert "| Equinox against |" in text
+    assert "| against VTC |" in text
+    summary = json.loads((tmp_path / "summary-smoke.json").read_text())["lmsys"]
+    assert set(summary) >= {"ttft_p50", "ttft_p99", "light_ttft_p99", "steady_throughput", "jain", "gap_within_bound"}
     for kind in ("service", "ttft", "jain"):
         assert (tmp_path / f"lmsys-{kind}.png").stat().st_size > 10_000

@@ -1,6 +1,6 @@
 """The pure fairness core: requests, policies, counters and metrics. No Ray, vLLM or I/O; any clock."""
 
-from equinox_ray.fairness.equinox import Equinox, EquinoxWeights
+from equinox_ray.fairness.equinox import Efficiency, Equinox, EquinoxWeights
 from equinox_ray.fairness.fcfs import FCFS
 from equinox_ray.fairness.policy import Grant, Policy
 from equinox_ray.fairness.pools import PoolView
@@ -9,6 +9,6 @@ from equinox_ray.fairness.request import InvalidRequest, Request, UnknownUser, U
 from equinox_ray.fairness.vtc import VTC
 
 __all__ = [
-    "FCFS", "VTC", "Equinox", "EquinoxWeights", "Grant", "Policy", "PoolView", "Prediction", "Predictor",
+    "FCFS", "VTC", "Efficiency", "Equinox", "EquinoxWeights", "Grant", "Policy", "PoolView", "Prediction", "Predictor",
     "MovingAveragePredictor", "ZeroOutputPredictor", "Outcome", "Request", "User", "InvalidRequest", "UnknownUser",
 ]

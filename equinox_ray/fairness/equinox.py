@@ -8,6 +8,14 @@ Per user u, in token units divided by the user's weight:
   cost weight, converted to tokens at `tokens_per_busy_second`;
 - H_u = UFC_u + beta * RFC_u, the holistic score: the backlogged user with the smallest H goes next.
 With alpha = beta = 0, H_u = S_u and the policy is VTC (with the same predictor and dispatch).
+
+Inside the fairness bound, three switches (`Efficiency`) buy latency without moving service between users:
+(a) each user's queue runs cheapest first, c = w_in * prompt + w_out * min(max_tokens, the user's mean output),
+    and a request overtaken `max_overtakes` times goes next;
+(b) among the backlogged users whose key is within `slack_tokens` (Delta) of the smallest, the one with the
+    smallest virtual finish, key + c(head) / weight, goes next: the gap between backlogged users stays within
+    VTC's bound + Delta;
+(c) see `choose_pool`.
 """
 
 from __future__ import annotations
@@ -16,16 +24,19 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
 
-from equinox_ray.fairness.pools import PoolView, best_by, least_loaded
+from equinox_ray.fairness.pools import PoolView, best_by, fitting_pools, least_loaded
 from equinox_ray.fairness.prediction import MovingAveragePredictor, Outcome, Prediction, Predictor
+from equinox_ray.fairness.queues import UserQueues
 from equinox_ray.fairness.request import Request, User
 from equinox_ray.fairness.vtc import VTC
 
 
 @dataclass(frozen=True)
 class EquinoxWeights:
-    latency: float = 0.5  # alpha: weight of the latency deficit in the UFC
-    resource: float = 0.5  # beta: weight of the RFC in the holistic score
+    # alpha and beta default to 0: in `python -m bench suite` neither bought latency, throughput or fairness
+    # against VTC (the equinox-holistic row, alpha = beta = 0.5), so by default H_u = S_u, VTC's exact charges.
+    latency: float = 0.0  # alpha: weight of the latency deficit in the UFC
+    resource: float = 0.0  # beta: weight of the RFC in the holistic score
     latency_scale_tokens: float = 512.0  # C: tokens of priority one unit of slowdown is worth
     latency_cap: float = 2.0  # l_max: the deficit never exceeds this, which bounds its effect
     latency_smoothing: float = 0.3  # gamma: weight of the newest request in the deficit's moving average
@@ -45,6 +56,19 @@ class EquinoxWeights:
 
 
 @dataclass(frozen=True)
+class Efficiency:
+    """The switches that order work inside the fairness bound (module docstring); zeros turn each off."""
+
+    max_overtakes: int = 16  # (a) 0: each user's queue is FIFO, as VTC's
+    slack_tokens: float = 1024.0  # (b) Delta, in the key's token units; 0: the smallest key always goes next
+    candidates: int = 8  # (b) at most this many users are compared per decision: O(candidates * log U)
+
+    def __post_init__(self) -> None:
+        if self.max_overtakes < 0 or self.slack_tokens < 0 or self.candidates < 1:
+            raise ValueError(f"Efficiency needs max_overtakes >= 0, slack_tokens >= 0, candidates >= 1: {self}")
+
+
+@dataclass(frozen=True)
 class _Admission:
     prediction: Prediction | None
     cost_weight: float
@@ -60,6 +84,7 @@ class Equinox(VTC):
         users: Iterable[User] = (),
         *,
         weights: EquinoxWeights = EquinoxWeights(),
+        efficiency: Efficiency = Efficiency(),
         predictor: Predictor | None = None,
         dispatch: Literal["fastest", "cost", "least_loaded"] = "fastest",
         e2e_slo_s: float | None = None,
@@ -74,6 +99,9 @@ class Equinox(VTC):
         )
         self.name = "equinox"
         self.weights = weights
+        self.efficiency = efficiency
+        self.queues = UserQueues(efficiency.max_overtakes)
+        self._lengths = MovingAveragePredictor()  # the user's mean output, for the queue order
         self.dispatch = dispatch
         self.e2e_slo_s = e2e_slo_s
         self.latency_deficit: dict[str, float] = defaultdict(float)
@@ -104,6 +132,23 @@ class Equinox(VTC):
         if gap > 0:
             self.served[user] += gap
 
+    def order_cost(self, request: Request) -> float:
+        return self.input_weight * request.prompt_tokens + self.output_weight * self._lengths.output_tokens(request)
+
+    def next_user(self, pools: Sequence[PoolView]) -> str | None:
+        top = self._heap.peek()
+        if top is None or self.efficiency.slack_tokens <= 0:
+            return None if top is None else top[0]
+        best, best_finish = top[0], float("inf")
+        limit = top[1][0] + self.efficiency.slack_tokens
+        for user, key in self._heap.smallest(self.efficiency.candidates, limit):
+            if not fitting_pools(self.queues.head(user).kv_demand, pools):
+                continue
+            finish = key[0] + self.queues.head_cost(user) / self.weight(user)
+            if finish < best_finish:
+                best, best_finish = user, finish
+        return best
+
     def choose_pool(self, request: Request, candidates: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:
         if self.dispatch == "least_loaded":
             pool = least_loaded(candidates)
@@ -127,6 +172,7 @@ class Equinox(VTC):
 
     def on_finish(self, request: Request, outcome: Outcome, now: float) -> None:
         super().on_finish(request, outcome, now)
+        self._lengths.observe(outcome)
         admission = self._admissions.pop(request.id)
         measured = self._resource_tokens(outcome.busy_seconds, admission.cost_weight, request)
         self.resource[request.user] += measured - admission.prepaid_resource

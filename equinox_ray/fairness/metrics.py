@@ -117,6 +117,47 @@ def service_difference(ws: WindowedService) -> tuple[float, float]:
     return float(per_window.max()), float(per_window.mean())
 
 
+def backlogged_pair_gap(ws: WindowedService) -> float:
+    """The largest |W_u(t1, t2) - W_v(t1, t2)| of weight-normalised service between two users over windows t1..t2
+    in which both stayed backlogged: the quantity VTC's bound limits. O(U^2 * windows), vectorised per user."""
+    worst = 0.0
+    service, backlogged = ws.service, ws.backlogged
+    for i in range(len(ws.users) - 1):
+        both = backlogged[i] & backlogged[i + 1:]  # [other users, windows]
+        if not both.any():
+            continue
+        diff = np.where(both, service[i] - service[i + 1:], 0.0)
+        # cumulative difference restarted at each window where the pair is not both backlogged
+        run_id = np.cumsum(~both, axis=1)
+        for row in np.flatnonzero(both.any(axis=1)):
+            d, r = diff[row][both[row]], run_id[row][both[row]]
+            starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+            cum = np.cumsum(d)
+            base = np.r_[0.0, cum][starts]  # the cumulative difference just before each run
+            high = np.maximum(np.maximum.reduceat(cum, starts), base)
+            low = np.minimum(np.minimum.reduceat(cum, starts), base)
+            worst = max(worst, float((high - low).max()))
+    return worst
+
+
+def steady_throughput(records: Sequence[CompletionRecord]) -> float:
+    """(prompt + output) tokens per second delivered between the first and the last arrival, each request's tokens
+    spread over [first token, finish]: what the cluster sustains while work keeps coming, without the drain tail
+    that the slowest pool sets after the last arrival."""
+    if not records:
+        return 0.0
+    start, end = min(r.arrival for r in records), max(r.arrival for r in records)
+    if end <= start:
+        return throughput(records)
+    a = np.array([r.first_token for r in records])
+    b = np.array([r.finish for r in records])
+    tokens = np.array([r.prompt_tokens + r.output_tokens for r in records], dtype=float)
+    span = np.maximum(b - a, 1e-12)
+    inside = np.clip(np.minimum(b, end) - np.maximum(a, start), 0, None) / span
+    inside = np.where(b - a > 1e-12, inside, ((a >= start) & (a <= end)).astype(float))
+    return float((tokens * inside).sum() / (end - start))
+
+
 def percentiles(values: Sequence[float], qs=(50, 99)) -> dict[str, float]:
     x = np.asarray(values, dtype=float)
     return {f"p{q}": (float(np.percentile(x, q)) if x.size else float("nan")) for q in qs}

@@ -65,6 +65,15 @@ class Policy:
     def on_backlogged(self, user: str) -> None:
         """Called when a user's queue goes from empty to non-empty, before the request joins it."""
 
+    def order_cost(self, request: Request) -> float:
+        """Where the request goes in its user's queue when the queue orders by cost (see UserQueues)."""
+        return 0.0
+
+    def next_user(self, pools: Sequence[PoolView]) -> str | None:
+        """The user whose head request is tried next: the backlogged user with the smallest key."""
+        top = self._heap.peek()
+        return None if top is None else top[0]
+
     def lift_floor(self, user: str) -> float | None:
         """The key a newly backlogged user is lifted to (VTC's paper, Algorithm 2): the smallest key among backlogged
         users or, when nobody waits, the key of the user whose queue emptied last. None: nobody to compare with."""
@@ -109,16 +118,15 @@ class Policy:
         if not self.queues.backlogged(request.user):
             self._flush()
             self.on_backlogged(request.user)
-        self.queues.push(request)
+        self.queues.push(request, self.order_cost(request))
         self._dirty.add(request.user)
 
     def schedule(self, pools: Sequence[PoolView], now: float) -> Grant | None:
         """Pick the next request and its pool, or None. Never skips past a head request that fits no pool."""
         self._flush()
-        top = self._heap.peek()
-        if top is None:
+        user = self.next_user(pools)
+        if user is None:
             return None
-        user = top[0]
         request = self.queues.head(user)
         candidates = fitting_pools(request.kv_demand, pools)
         if not candidates:

@@ -31,5 +31,20 @@ class UserHeap:
             heapq.heappop(heap)
         return None
 
+    def smallest(self, n: int, up_to: float) -> list[tuple[str, tuple]]:
+        """Up to n users in key order whose key's first element is at most `up_to`: O(n log U)."""
+        heap, found, taken = self._heap, [], []
+        while heap and len(found) < n:
+            key, user = heapq.heappop(heap)
+            if self._current.get(user) != key:
+                continue  # stale: dropped for good
+            taken.append((key, user))
+            if key[0] > up_to:
+                break
+            found.append((user, key))
+        for item in taken:
+            heapq.heappush(heap, item)
+        return found
+
     def __len__(self) -> int:
         return len(self._current)

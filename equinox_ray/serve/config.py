@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from equinox_ray.engines.sim_engine import SimEngineConfig
 from equinox_ray.engines.vllm_engine import VLLMEngineConfig
-from equinox_ray.fairness.equinox import EquinoxWeights
+from equinox_ray.fairness.equinox import Efficiency, EquinoxWeights
 from equinox_ray.serve.keys import KeyRef
 from equinox_ray.telemetry.config import TelemetryConfig
 
@@ -36,8 +36,8 @@ class UserConfig(Strict):
 class WeightsConfig(Strict):
     """Equinox's tunable weights (docs/design.md); zero latency and resource weights make it VTC."""
 
-    latency: float = Field(0.5, ge=0)
-    resource: float = Field(0.5, ge=0)
+    latency: float = Field(0.0, ge=0, description="alpha; 0 by measurement (docs/design.md)")
+    resource: float = Field(0.0, ge=0, description="beta; 0 by measurement (docs/design.md)")
     latency_scale_tokens: float = Field(512.0, ge=0)
     latency_cap: float = Field(2.0, ge=0)
     latency_smoothing: float = Field(0.3, gt=0, le=1)
@@ -48,11 +48,25 @@ class WeightsConfig(Strict):
         return EquinoxWeights(**self.model_dump())
 
 
+class EfficiencyConfig(Strict):
+    """Equinox's ordering inside the fairness bound (docs/design.md); zero turns each switch off."""
+
+    max_overtakes: int = Field(16, ge=0, description="(a) each user's queue cheapest first; a request overtaken "
+                                                     "this often goes next. 0: FIFO")
+    slack_tokens: float = Field(1024.0, ge=0, description="(b) Delta: users within this of the smallest counter "
+                                                          "compete by virtual finish. 0: smallest counter only")
+    candidates: int = Field(8, ge=1, description="(b) users compared per decision")
+
+    def to_core(self) -> Efficiency:
+        return Efficiency(**self.model_dump())
+
+
 class PolicyConfig(Strict):
     name: Literal["fcfs", "vtc", "vtc-predict", "equinox"] = "equinox"
     input_weight: float = Field(1.0, ge=0)
     output_weight: float = Field(2.0, ge=0)
     weights: WeightsConfig = WeightsConfig()
+    efficiency: EfficiencyConfig = EfficiencyConfig()
     dispatch: Literal["fastest", "cost", "least_loaded"] = Field(
         "fastest", description="Equinox's pool choice: fastest predicted, or cheapest that meets e2e_slo_s")
     e2e_slo_s: float | None = Field(None, gt=0)
