@@ -105,7 +105,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("sharegpt-zipf", "3. ShareGPT lengths, 50 Zipf users with weights 1/2/4, 8 A100s",
              (pool("a100", "A100", 8),), _sharegpt, 1.0, 1024, 30.0),
     Scenario("azure-mixed", "4. Azure conversation arrivals, 50 Zipf users, 2 H100 + 4 A100 + 8 L4", MIXED, _azure,
-             AZURE_SCALE, 1024, 30.0),
+             AZURE_SCALE, 1024, 30.0, Scenario.policies + ("equinox-no-pairing",)),
     Scenario("scale", "5. Scale: the Azure trace tiled to 100,000 requests, 200 users, 8 H100 + 16 A100 + 40 L4",
              SCALE_CLUSTER, _scale, SCALE_SCALE, 1024, 30.0, ("fcfs", "vtc", "equinox")),
 ]}

@@ -149,7 +149,7 @@ def test_equinox_charges_predicted_resource_then_corrects_to_measured():
     predictor = MovingAveragePredictor()
     predictor.average["a"] = 40.0
     weights = EquinoxWeights(latency=0.0, resource=1.0, tokens_per_busy_second=100.0)
-    policy = Equinox(users("a"), weights=weights, predictor=predictor)
+    policy = Equinox(users("a"), weights=weights, predictor=predictor, prepaid_output=True)
     pool = PoolView("p", free_slots=1, free_kv_tokens=10_000, throughput_tps=100.0, utilization=0.5, cost_weight=2.0,
                     decode_tps=10.0)
     policy.submit(req("a1", "a", prompt=60, max_tokens=100), 0)
@@ -186,7 +186,7 @@ def test_equinox_user_slower_than_predicted_gains_priority():
 
 
 def test_equinox_dispatches_to_the_pool_predicted_fastest():
-    policy = Equinox(users("a"))
+    policy = Equinox(users("a"), efficiency=Efficiency(pairing=False))
     slow = PoolView("l4", gpu_type="L4", free_slots=10, decode_tps=20.0, prefill_tps=2_000.0)
     fast = PoolView("h100", gpu_type="H100", free_slots=1, decode_tps=80.0, prefill_tps=20_000.0)
     policy.submit(req("a1", "a", prompt=500, max_tokens=50), 0)
@@ -266,7 +266,7 @@ def test_equinox_with_zero_latency_and_resource_weights_is_vtc(workload, capacit
     for label, predictor_on in [("plain", False), ("predicted", True)]:
         vtc = VTC(users(*names), predictor=MovingAveragePredictor() if predictor_on else None)
         equinox = Equinox(users(*names), weights=zero, efficiency=off, dispatch="least_loaded",
-                          predictor=MovingAveragePredictor() if predictor_on else ZeroOutputPredictor())
+                          prepaid_output=predictor_on, predictor=MovingAveragePredictor() if predictor_on else ZeroOutputPredictor())
         a = run(vtc, _copy(arrivals), capacity, steps=300, pools=2, slow_users=slow)
         b = run(equinox, _copy(arrivals), capacity, steps=300, pools=2, slow_users=slow)
         assert a.grants == b.grants, label
@@ -378,3 +378,22 @@ def test_the_slack_lets_a_user_with_a_cheap_head_go_first_and_only_within_the_sl
         policy.submit(req("big1", "big", prompt=500), 0)
         policy.submit(req("small1", "small", prompt=10), 0)
         assert drain(policy)[0] == f"{first}1", slack
+
+
+def test_pairing_gives_a_free_slow_pool_the_request_it_slows_least():
+    """Fast pool full, slow pool free: the slow pool prefills 10x slower but decodes only 2x slower, so it goes to
+    the decode-heavy request even though the other user's counter is smaller (both are within the slack)."""
+    fast = PoolView("h100", gpu_type="H100", free_slots=0, prefill_tps=20_000.0, decode_tps=80.0)
+    slow = PoolView("l4", gpu_type="L4", free_slots=4, prefill_tps=2_000.0, decode_tps=40.0)
+    for pairing, first in [(True, "chat1"), (False, "doc1")]:
+        policy = Equinox(users("doc", "chat"), efficiency=Efficiency(pairing=pairing, slack_tokens=4096.0),
+                         dispatch="least_loaded")
+        for user, prompt, output in [("doc", 2000, 10), ("chat", 20, 400)]:  # teach each user's mean output
+            policy.submit(req(f"{user}0", user, prompt=prompt, max_tokens=output), 0)
+            policy.schedule([slow], 0)
+            policy.finish(Outcome(f"{user}0", user, "l4", prompt, output, 0.1, 1.0, 1.0), 1)
+        policy.submit(req("doc1", "doc", prompt=2000, max_tokens=10), 2)
+        policy.submit(req("chat1", "chat", prompt=20, max_tokens=400), 2)
+        policy.restore({"served": {"doc": 0.0, "chat": 1500.0}})  # after the lifts: doc is owed more, within the slack
+        grant = policy.schedule([fast, slow], 2)
+        assert (grant.request.id, grant.pool) == (first, "l4"), pairing

@@ -65,7 +65,7 @@ def test_equinox_with_zero_weights_and_efficiency_off_runs_exactly_like_vtc_in_t
     vtc = ClusterSim(A100, VTC(users, predictor=MovingAveragePredictor())).run(workload)
     eq = ClusterSim(A100, Equinox(users, weights=EquinoxWeights(latency=0, resource=0),
                                   efficiency=Efficiency(max_overtakes=0, slack_tokens=0),
-                                  predictor=MovingAveragePredictor())).run(workload)
+                                  prepaid_output=True, predictor=MovingAveragePredictor())).run(workload)
     assert [(r.request_id, r.granted) for r in vtc.records] == [(r.request_id, r.granted) for r in eq.records]
     beta = ClusterSim(A100, Equinox(users, weights=EquinoxWeights(latency=0, resource=5.0),
                                     predictor=MovingAveragePredictor())).run(workload)

@@ -1,7 +1,8 @@
 """Equinox: holistic fairness from a User Fairness Counter and a Resource Fairness Counter (docs/design.md).
 
 Per user u, in token units divided by the user's weight:
-- service S_u: VTC's counter, charged with the predicted output at admission and corrected at finish;
+- service S_u: VTC's counter, with VTC's exact charges (input at admission, output as it is decoded), or with
+  `prepaid_output` VTC_predict's (the predicted output at admission, corrected at finish);
 - latency deficit l_u: a smoothed, capped slowdown of the user's requests against their predictions after dispatch;
 - UFC_u = S_u - alpha * C * l_u: a user whose requests ran slower than predicted gains priority;
 - RFC_u: engine busy-seconds the user's requests used (predicted at admission, measured at finish), times the pool's
@@ -15,7 +16,10 @@ Inside the fairness bound, three switches (`Efficiency`) buy latency without mov
 (b) among the backlogged users whose key is within `slack_tokens` (Delta) of the smallest, the one with the
     smallest virtual finish, key + c(head) / weight, goes next: the gap between backlogged users stays within
     VTC's bound + Delta;
-(c) see `choose_pool`.
+(c) on mixed GPU types, among those same users, the head request and free pool with the smallest relative time
+    (its time on that pool over its time on the fastest pool of the cluster, from the pools' nominal speeds) are
+    paired first: each pool gets the work it is comparatively best at (Melange, arXiv 2404.14527), and the virtual
+    finish breaks ties.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Efficiency:
     max_overtakes: int = 16  # (a) 0: each user's queue is FIFO, as VTC's
     slack_tokens: float = 1024.0  # (b) Delta, in the key's token units; 0: the smallest key always goes next
     candidates: int = 8  # (b) at most this many users are compared per decision: O(candidates * log U)
+    pairing: bool = True  # (c) on mixed GPU types, pair free pools with the requests they suit
 
     def __post_init__(self) -> None:
         if self.max_overtakes < 0 or self.slack_tokens < 0 or self.candidates < 1:
@@ -88,6 +93,7 @@ class Equinox(VTC):
         predictor: Predictor | None = None,
         dispatch: Literal["fastest", "cost", "least_loaded"] = "fastest",
         e2e_slo_s: float | None = None,
+        prepaid_output: bool = False,
         input_weight: float = 1.0,
         output_weight: float = 2.0,
     ) -> None:
@@ -102,8 +108,10 @@ class Equinox(VTC):
         self.efficiency = efficiency
         self.queues = UserQueues(efficiency.max_overtakes)
         self._lengths = MovingAveragePredictor()  # the user's mean output, for the queue order
+        self._paired: tuple[str, PoolView | None] | None = None  # (request id, pool) that next_user paired
         self.dispatch = dispatch
         self.e2e_slo_s = e2e_slo_s
+        self.prepaid_output = prepaid_output
         self.latency_deficit: dict[str, float] = defaultdict(float)
         self.resource: dict[str, float] = defaultdict(float)
         self._admissions: dict[str, _Admission] = {}
@@ -136,23 +144,44 @@ class Equinox(VTC):
         return self.input_weight * request.prompt_tokens + self.output_weight * self._lengths.output_tokens(request)
 
     def next_user(self, pools: Sequence[PoolView]) -> str | None:
+        self._paired = None
         top = self._heap.peek()
-        if top is None or self.efficiency.slack_tokens <= 0:
+        pairing = self.efficiency.pairing and len({p.gpu_type for p in pools}) > 1
+        if top is None or (self.efficiency.slack_tokens <= 0 and not pairing):
             return None if top is None else top[0]
-        best, best_finish = top[0], float("inf")
+        best, best_rank = top[0], None
         limit = top[1][0] + self.efficiency.slack_tokens
         for user, key in self._heap.smallest(self.efficiency.candidates, limit):
-            if not fitting_pools(self.queues.head(user).kv_demand, pools):
+            head = self.queues.head(user)
+            fitting = fitting_pools(head.kv_demand, pools)
+            if not fitting:
                 continue
-            finish = key[0] + self.queues.head_cost(user) / self.weight(user)
-            if finish < best_finish:
-                best, best_finish = user, finish
+            pool, relative = self._best_suited(head, fitting, pools) if pairing else (None, 1.0)
+            rank = (relative, key[0] + self.queues.head_cost(user) / self.weight(user))
+            if best_rank is None or rank < best_rank:
+                best, best_rank, self._paired = user, rank, (head.id, pool)
         return best
 
+    def _best_suited(self, request: Request, fitting: Sequence[PoolView],
+                     pools: Sequence[PoolView]) -> tuple[PoolView, float]:
+        """The fitting pool where the request loses least against the cluster's fastest pool for it, and that ratio
+        (1 on its fastest pool)."""
+        output = self._lengths.output_tokens(request)
+
+        def seconds(pool: PoolView) -> float:
+            return request.prompt_tokens / pool.prefill_tps + output / pool.decode_tps
+
+        fastest = min(seconds(p) for p in pools)
+        pool = best_by(fitting, seconds)
+        return pool, round(seconds(pool) / fastest, 3) if fastest > 0 else 1.0
+
     def choose_pool(self, request: Request, candidates: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:
-        if self.dispatch == "least_loaded":
+        paired = self._paired
+        if paired is not None and paired[0] == request.id and paired[1] in candidates:
+            return paired[1], self._prediction(request, paired[1])
+        if self.dispatch == "least_loaded" or len(candidates) == 1:
             pool = least_loaded(candidates)
-            return pool, self.predict(request, pool)
+            return pool, self._prediction(request, pool)
         predictions = self.predictions(request, candidates)
         if self.dispatch == "cost":
             meeting = [p for p in candidates if self.e2e_slo_s is None or predictions[p.name].e2e_s <= self.e2e_slo_s]
@@ -162,8 +191,16 @@ class Equinox(VTC):
         pool = best_by(candidates, lambda p: predictions[p.name].e2e_s)
         return pool, predictions[pool.name]
 
+    def _prediction(self, request: Request, pool: PoolView) -> Prediction | None:
+        """A new prediction where a charge or a counter uses it. Otherwise only one already made rides along, for
+        the prediction-error telemetry (the Serve controller predicts every queued request in one batch): an
+        experts call per grant is most of a decision's cost."""
+        if self.prepaid_output or self.weights.latency > 0 or self.weights.resource > 0:
+            return self.predict(request, pool)
+        return self._predicted.get(request.id, {}).get(pool.name)
+
     def on_admit(self, request: Request, pool: PoolView, prediction: Prediction | None, now: float) -> None:
-        super().on_admit(request, pool, prediction, now)
+        super().on_admit(request, pool, prediction if self.prepaid_output else None, now)
         resource = 0.0
         if prediction is not None:
             resource = self._resource_tokens(prediction.busy_seconds(request.prompt_tokens), pool.cost_weight, request)

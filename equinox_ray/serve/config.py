@@ -56,6 +56,8 @@ class EfficiencyConfig(Strict):
     slack_tokens: float = Field(1024.0, ge=0, description="(b) Delta: users within this of the smallest counter "
                                                           "compete by virtual finish. 0: smallest counter only")
     candidates: int = Field(8, ge=1, description="(b) users compared per decision")
+    pairing: bool = Field(True, description="(c) on mixed GPU types, give a free pool the request among those "
+                                            "users that it slows least against the cluster's fastest pool")
 
     def to_core(self) -> Efficiency:
         return Efficiency(**self.model_dump())
@@ -67,6 +69,9 @@ class PolicyConfig(Strict):
     output_weight: float = Field(2.0, ge=0)
     weights: WeightsConfig = WeightsConfig()
     efficiency: EfficiencyConfig = EfficiencyConfig()
+    prepaid_output: bool = Field(False, description="equinox: charge the predicted output at admission and correct "
+                                                    "it at finish (VTC_predict) instead of VTC's exact per-token "
+                                                    "charge")
     dispatch: Literal["fastest", "cost", "least_loaded"] = Field(
         "fastest", description="Equinox's pool choice: fastest predicted, or cheapest that meets e2e_slo_s")
     e2e_slo_s: float | None = Field(None, gt=0)
