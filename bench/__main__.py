@@ -72,6 +72,7 @@ GOALS = {  # the beat-VTC issue's targets on Equinox's ratios to VTC; (key, scen
                           (None, lambda x: x >= 0.99, ">= 0.99x")],
     "jain": [(None, lambda x: x >= 0.98, ">= 0.98x")],
     "gap_within_bound": [(None, lambda x: bool(x), "true")],
+    "wall_time": [(("scale",), lambda x: x <= 1.2, "<= 1.2x")],
 }
 
 
@@ -84,8 +85,7 @@ def missed_goals(scenario: str, ratios: dict) -> list[str]:
                 if isinstance(value, float) and math.isnan(value):
                     missed.append(f"{key} n/a")  # e.g. Jain where no user waited long enough to count
                 elif not ok(value):
-                    missed.append(f"{key} {ratios[key] if isinstance(ratios[key], bool) else f'{ratios[key]:.2f}'}"
-                                  f" (goal {text})")
+                    missed.append(f"{key} {value if isinstance(value, bool) else f'{value:.3f}'} (goal {text})")
                 break
     return missed
 
@@ -97,7 +97,7 @@ def write_summary(out: Path, smoke: bool = False) -> Path:
     from bench.scenarios import SCENARIOS
 
     lines = ["| scenario | workload | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain | "
-             "pair gap within bound | goals missed |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "pair gap within bound | wall time | goals missed |", "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
     summary = {}
     for name in SCENARIOS:
         path = out / f"{name}{'-smoke' if smoke else ''}.json"
@@ -111,10 +111,12 @@ def write_summary(out: Path, smoke: bool = False) -> Path:
             summary[name if name != "vtc-suites" else f"{name}/{workload}"] = {**r, "missed": missed}
             lines.append(f"| {name} | {workload} | {r['steady_throughput']:.2f}x | {r['ttft_p50']:.2f}x | "
                          f"{r['ttft_p99']:.2f}x | {r['light_ttft_p99']:.2f}x | {r['jain']:.3f}x | "
-                         f"{'yes' if r['gap_within_bound'] else 'NO'} | {'; '.join(missed) or 'none'} |")
+                         f"{'yes' if r['gap_within_bound'] else 'NO'} | {r['wall_time']:.2f}x | "
+                         f"{'; '.join(missed) or 'none'} |")
     path = out / f"summary{'-smoke' if smoke else ''}.md"
     path.write_text("Equinox's ratios to VTC in the same run (`python -m bench suite`); the last column names "
-                    "every goal of the beat-VTC issue this row misses.\n\n" + "\n".join(lines) + "\n")
+                    "every goal of the beat-VTC issue this row misses. Wall time is the simulator's, Equinox over VTC (the goal is for "
+                    "the scale run). Jain n/a: no user waited past the minimum wait, so no window counts.\n\n" + "\n".join(lines) + "\n")
     path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     return path
 

@@ -85,7 +85,8 @@ def record_metrics(records: Sequence[CompletionRecord], workload: Workload, wind
 
 def metrics(run: Run) -> dict[str, float]:
     return {**record_metrics(run.result.records, run.workload, run.scenario.metrics_window_s),
-            "utilization": run.result.utilization, "bound": counter_bound(run) or float("nan")}
+            "utilization": run.result.utilization, "bound": counter_bound(run) or float("nan"),
+            "wall_s": run.result.wall_s}
 
 
 def _cell(fmt: str, value: float) -> str:
@@ -130,6 +131,7 @@ def goal_ratios(eq: dict[str, float], vtc: dict[str, float]) -> dict[str, float 
     out: dict[str, float | bool] = {key: eq[key] / vtc[key] if vtc[key] else float("nan")
                                     for key in ("ttft_p50", "ttft_p99", "light_ttft_p99", "steady_throughput", "jain")}
     out["gap_within_bound"] = bool(eq["pair_gap"] <= eq["bound"])
+    out["wall_time"] = eq["wall_s"] / vtc["wall_s"] if vtc.get("wall_s") else float("nan")  # simulator seconds
     return out
 
 
