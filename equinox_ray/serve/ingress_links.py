@@ -41,6 +41,7 @@ class Inflight:
     grant: Grant | None = None
     served: int = 0
     retried: bool = False
+    ended: bool = False  # its last chunk came before its grant: it stays here until the grant resolves the handler
 
 
 class ControllerLink:
@@ -69,7 +70,8 @@ class ControllerLink:
 
     def withdraw(self, request_id: str) -> None:
         """The client is gone: forget the request and tell the controller (which aborts it if it runs)."""
-        if self.inflight.pop(request_id, None) is not None:
+        inflight = self.inflight.pop(request_id, None)
+        if inflight is not None and not inflight.ended:
             self._send(lambda b: b.withdrawn.append(request_id))
 
     # -- from the pool channels -------------------------------------------------------------------------------
@@ -86,7 +88,12 @@ class ControllerLink:
             progress[chunk.request_id] = progress.get(chunk.request_id, 0) + tokens  # sent with the next batch
         inflight.chunks.put_nowait(chunk)
         if chunk.last:
-            del self.inflight[chunk.request_id]
+            # A pool's channel can beat the controller's grant stream (a short request on a fast engine): then the
+            # record waits for its grant, which is what the handler is waiting on.
+            if inflight.grant is None:
+                inflight.ended = True
+            else:
+                del self.inflight[chunk.request_id]
             self._finish(chunk, inflight.served)
 
     def replica_lost(self, replica: str, why: str) -> None:
@@ -181,7 +188,8 @@ class ControllerLink:
     def _resubmit_waiting(self) -> None:
         """After the controller restarted (or dropped this replica with its stream), the requests here that wait
         for a grant are queued again; the controller ignores one it still has."""
-        waiting = [inflight.submission for inflight in self.inflight.values() if inflight.grant is None]
+        waiting = [inflight.submission for inflight in self.inflight.values()
+                   if inflight.grant is None and not inflight.ended]
         if waiting:
             log.warning("resubmitting %d waiting requests to the fairness controller", len(waiting))
             self._send(lambda b: b.submissions.extend(waiting))
@@ -196,6 +204,8 @@ class ControllerLink:
             inflight.grant = message
             if not inflight.granted.done():  # a retry's grant: the handler already has the first one
                 inflight.granted.set_result(message)
+            if inflight.ended:
+                del self.inflight[message.request_id]
         elif not inflight.granted.done():
             del self.inflight[message.request_id]
             inflight.granted.set_exception(Refused(message))

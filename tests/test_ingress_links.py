@@ -1,0 +1,59 @@
+"""The ingress's link to the controller, driven in order: the orderings Serve's timing makes rare but possible."""
+
+import asyncio
+
+from equinox_ray.engines.types import GenerationRequest, TokenChunk, Usage
+from equinox_ray.serve.ingress_links import ControllerLink
+from equinox_ray.serve.protocol import Grant, Submission
+
+
+class _Method:
+    def __init__(self, call):
+        self.remote = call
+
+
+class RecordingController:
+    """Stands in for the controller's handle: keeps the batches sent; its grant stream stays open and silent."""
+
+    def __init__(self) -> None:
+        self.batches = []
+        self.update = _Method(self._update)
+        self.grants = _Method(self._grants)
+
+    def options(self, **_):
+        return self
+
+    async def _update(self, batch):
+        self.batches.append(batch)
+
+    async def _grants(self, ingress):
+        yield []
+        await asyncio.Event().wait()
+
+
+def test_a_last_chunk_that_beats_its_grant_still_resolves_the_handler():
+    """A short request on a fast engine: the pool's channel delivers the whole answer before the controller's grant
+    stream delivers the grant. The handler, waiting on the grant, must still get it and then the chunks."""
+
+    async def scenario():
+        controller = RecordingController()
+        link = ControllerLink(controller, "ingress-a", batch_interval_s=0.0, progress_interval_s=0.01,
+                              on_grant=lambda grant: None)
+        generation = GenerationRequest("r1", 4, prompt_token_ids=[1, 2, 3])
+        inflight = link.submit(Submission("alice", generation))
+        link.deliver(TokenChunk("r1", [5, 6, 7, 8], finish_reason="length", usage=Usage(3, 4, 0.01, 0.02, 0.02)))
+        assert not inflight.granted.done()
+        link._on_decision(Grant("r1", "pool", "replica-1", 0.0, 0.0, {}, {}, None))
+        grant = await asyncio.wait_for(inflight.granted, 1)
+        chunk = await asyncio.wait_for(inflight.chunks.get(), 1)
+        assert grant.replica == "replica-1" and chunk.token_ids == [5, 6, 7, 8]
+        assert "r1" not in link.inflight  # gone once its grant came
+        link._resubmit_waiting()  # a finished request is never queued again
+        await asyncio.sleep(0.1)
+        sent = [s.request_id for b in controller.batches for s in b.submissions]
+        finished = [f.request_id for b in controller.batches for f in b.finished]
+        assert sent == ["r1"] and finished == ["r1"]
+        for task in link._tasks:
+            task.cancel()
+
+    asyncio.run(scenario())
