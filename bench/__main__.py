@@ -93,7 +93,7 @@ def missed_goals(scenario: str, ratios: dict) -> list[str]:
 def write_summary(out: Path, smoke: bool = False) -> Path:
     """One row per scenario (and VTC suite): Equinox's ratios to VTC in the same run, the goals it misses, and
     summary.json with the same ratios, from the scenarios' JSON."""
-    from bench.report import goal_ratios
+    from bench.report import yes_no, goal_ratios
     from bench.scenarios import SCENARIOS
 
     lines = ["| scenario | workload | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain | "
@@ -111,7 +111,7 @@ def write_summary(out: Path, smoke: bool = False) -> Path:
             summary[name if name != "vtc-suites" else f"{name}/{workload}"] = {**r, "missed": missed}
             lines.append(f"| {name} | {workload} | {r['steady_throughput']:.2f}x | {r['ttft_p50']:.2f}x | "
                          f"{r['ttft_p99']:.2f}x | {r['light_ttft_p99']:.2f}x | {r['jain']:.3f}x | "
-                         f"{'yes' if r['gap_within_bound'] else 'NO'} | {r['wall_time']:.2f}x | "
+                         f"{yes_no(r['gap_within_bound'])} | {r['wall_time']:.2f}x | "
                          f"{'; '.join(missed) or 'none'} |")
     path = out / f"summary{'-smoke' if smoke else ''}.md"
     path.write_text("Equinox's ratios to VTC in the same run (`python -m bench suite`); the last column names "

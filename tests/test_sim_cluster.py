@@ -138,3 +138,13 @@ def test_bench_suite_smoke_writes_tables_and_plots(tmp_path):
     assert set(summary) >= {"ttft_p50", "ttft_p99", "light_ttft_p99", "steady_throughput", "jain", "gap_within_bound"}
     for kind in ("service", "ttft", "jain"):
         assert (tmp_path / f"lmsys-{kind}.png").stat().st_size > 10_000
+
+
+def test_the_real_paths_rows_without_a_bound_or_wall_time_render():
+    """`bench real` measures no counter bound and no simulator wall time: its table says n/a for them."""
+    from bench.report import rows_table
+
+    row = {"steady_throughput": 10.0, "ttft_p50": 1.0, "ttft_p99": 2.0, "light_ttft_p99": 2.0, "jain": 0.9,
+           "pair_gap": 5.0, "e2e_mean": 3.0}
+    text = rows_table({"vtc": row, "equinox": {**row, "ttft_p50": 0.5}})
+    assert "| equinox | 1.00x | 0.50x | 1.00x | 1.00x | 1.000x | n/a |" in text
