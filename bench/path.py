@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import cpu
-from bench.load import Load, Summary, run
+from bench.load import Load, run
 from equinox_ray.serve.keys import digest
 
 RESULTS = Path(__file__).parent / "results"

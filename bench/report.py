@@ -10,7 +10,6 @@ import numpy as np
 
 from bench.suite import Run, policy_config
 from equinox_ray.engines.gpu_profiles import StepModel
-from equinox_ray.fairness.equinox import EquinoxWeights
 from equinox_ray.fairness.metrics import (CompletionRecord, backlogged_pair_gap, jain_per_window, percentiles,
                                           service_difference, steady_throughput, throughput, windowed_service)
 from equinox_ray.workloads.workload import Workload

@@ -1,0 +1,102 @@
+"""The controller's records: one per request (`Tracked`), per pool and replica (`PoolState`, `ReplicaState`), per
+user (`UserStats`), and the outgoing mail (`Mailboxes`). Plain data with the small views the controller needs."""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from equinox_ray.engines.replica import ReplicaReport
+from equinox_ray.fairness import PoolView, Prediction, Request
+from equinox_ray.serve.checkpoint import UsageTotals
+from equinox_ray.serve.config import PoolConfig
+from equinox_ray.serve.protocol import Dispatch
+
+
+@dataclass
+class Tracked:
+    """The controller's one record of a request, from submission to finish."""
+
+    request: Request
+    dispatch: Dispatch
+    granted_at: float | None = None
+    replica: str | None = None
+    prediction: Prediction | None = None
+    pool_at_grant: dict | None = None  # the pool's state at the grant, for completion records
+
+
+@dataclass
+class ReplicaState:
+    pool: str
+    window: int
+    seen: float
+    running: int = 0  # granted here and not finished, as the controller counts it
+    routable: bool = False  # Serve routes to it: it has started and is not being stopped
+    report: ReplicaReport | None = None
+    lost_at: float | None = None  # when an ingress lost its channel to it; a report after the controller's LOST_GRACE_S clears it
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.window - self.running) if self.routable and self.lost_at is None else 0
+
+
+@dataclass
+class PoolState:
+    config: PoolConfig
+    replicas: dict[str, ReplicaState] = field(default_factory=dict)
+    routable: set[str] = field(default_factory=set)  # as Serve last said, connected or not
+    granted: int = 0
+
+    @property
+    def running(self) -> int:
+        return sum(r.running for r in self.replicas.values())
+
+    def capacity(self) -> int:
+        return sum(r.window for r in self.replicas.values())
+
+    def view(self) -> PoolView:
+        """Per-replica measured speeds (nominal until the first reports), the pool's free slots and context."""
+        reports = [r.report for r in self.replicas.values() if r.report is not None]
+        n = max(len(reports), 1)
+        throughput = sum(r.stats.tokens_per_s for r in reports) / n or 1000.0
+        utilization = sum(r.stats.utilization for r in reports) / n if reports else 1.0
+        tpots = [r.tpot_s for r in reports if r.tpot_s]
+        c = self.config
+        return PoolView(name=c.name, gpu_type=c.gpu_type,
+                        free_slots=sum(r.free_slots for r in self.replicas.values()), running=self.running,
+                        waiting=sum(r.stats.waiting for r in reports), throughput_tps=throughput,
+                        utilization=max(utilization, 0.05),
+                        decode_tps=1.0 / (sum(tpots) / len(tpots)) if tpots else 50.0, cost_weight=c.cost_weight,
+                        kv_usage=sum(r.stats.kv_cache_usage for r in reports) / n,
+                        max_request_tokens=c.max_model_len)
+
+    def pick_replica(self) -> str:
+        """The replica with the most free slots (ties: the first by name, so choices are deterministic)."""
+        return min(self.replicas, key=lambda name: (-self.replicas[name].free_slots, name))
+
+
+@dataclass
+class UserStats(UsageTotals):
+    """The totals a checkpoint keeps, and recent latencies it does not."""
+
+    ttft_s: deque = field(default_factory=lambda: deque(maxlen=256))
+    e2e_s: deque = field(default_factory=lambda: deque(maxlen=256))
+
+
+class Mailboxes:
+    """Outgoing messages per destination (an ingress or a replica); `notify` wakes whoever delivers them."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, list] = defaultdict(list)
+        self.notify: Callable[[str], None] = lambda destination: None
+
+    def put(self, destination: str, message) -> None:
+        self.items[destination].append(message)
+        self.notify(destination)
+
+    def take(self, destination: str) -> list:
+        return self.items.pop(destination, [])
+
+    def drop(self, destination: str) -> None:
+        self.items.pop(destination, None)
