@@ -12,7 +12,8 @@ TokenId = Annotated[int, Field(ge=0)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (top_p, n=1, ...)
+    # clients send fields we do not use (top_p, n=1, ...); strict: a string is not a number nor a boolean
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -36,12 +37,14 @@ class CompletionRequest(_Body):
 class TextPart(BaseModel):
     """One part of a chat message's content; this text-only model takes no images, audio or files."""
 
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart]  # OpenAI's two forms: a string, or a list of parts (openai-chat clients send this)
 
