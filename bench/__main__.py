@@ -93,7 +93,7 @@ def missed_goals(scenario: str, ratios: dict) -> list[str]:
 def write_summary(out: Path, smoke: bool = False) -> Path:
     """One row per scenario (and VTC suite): Equinox's ratios to VTC in the same run, the goals it misses, and
     summary.json with the same ratios, from the scenarios' JSON."""
-    from bench.report import yes_no, goal_ratios
+    from bench.report import goal_ratios, yes_no
     from bench.scenarios import SCENARIOS
 
     lines = ["| scenario | workload | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain | "
@@ -114,9 +114,10 @@ def write_summary(out: Path, smoke: bool = False) -> Path:
                          f"{yes_no(r['gap_within_bound'])} | {r['wall_time']:.2f}x | "
                          f"{'; '.join(missed) or 'none'} |")
     path = out / f"summary{'-smoke' if smoke else ''}.md"
-    path.write_text("Equinox's ratios to VTC in the same run (`python -m bench suite`); the last column names "
-                    "every goal of the beat-VTC issue this row misses. Wall time is the simulator's, Equinox over VTC (the goal is for "
-                    "the scale run). Jain n/a: no user waited past the minimum wait, so no window counts.\n\n" + "\n".join(lines) + "\n")
+    intro = ("Equinox's ratios to VTC in the same run (`python -m bench suite`); the last column names every goal of "
+             "the beat-VTC issue this row misses. Wall time is the simulator's, Equinox over VTC (the goal is for the "
+             "scale run). Jain n/a: no user waited past the minimum wait, so no window counts.")
+    path.write_text(intro + "\n\n" + "\n".join(lines) + "\n")
     path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     return path
 

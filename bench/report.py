@@ -68,8 +68,8 @@ def record_metrics(records: Sequence[CompletionRecord], workload: Workload, wind
     light = lightest_users(workload)
     ttft = [r.ttft for r in records]
     e2e = [r.e2e for r in records]
-    ttft_p, light_p, e2e_p = percentiles(ttft), percentiles([r.ttft for r in records if r.user in light]), \
-        percentiles(e2e)
+    ttft_p, e2e_p = percentiles(ttft), percentiles(e2e)
+    light_p = percentiles([r.ttft for r in records if r.user in light])
     jain = jain_per_window(ws)
     _, sd_avg = service_difference(ws)
     return {
@@ -125,10 +125,10 @@ def ratios(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def goal_ratios(eq: dict[str, float], vtc: dict[str, float]) -> dict[str, float | bool]:
+def goal_ratios(eq: dict[str, float], vtc: dict[str, float]) -> dict[str, float | bool | None]:
     """A policy's ratios to VTC in the same run, under the keys the beat-VTC goals use."""
-    out: dict[str, float | bool | None] = {key: eq[key] / vtc[key] if vtc[key] else float("nan")
-                                    for key in ("ttft_p50", "ttft_p99", "light_ttft_p99", "steady_throughput", "jain")}
+    keys = ("ttft_p50", "ttft_p99", "light_ttft_p99", "steady_throughput", "jain")
+    out: dict[str, float | bool | None] = {key: eq[key] / vtc[key] if vtc[key] else float("nan") for key in keys}
     bound = eq.get("bound", float("nan"))  # the real path measures no bound
     out["gap_within_bound"] = None if math.isnan(bound) else bool(eq["pair_gap"] <= bound)
     out["wall_time"] = eq["wall_s"] / vtc["wall_s"] if vtc.get("wall_s") else float("nan")  # simulator seconds

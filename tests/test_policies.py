@@ -386,8 +386,7 @@ def test_pairing_gives_a_free_slow_pool_the_request_it_slows_least():
     fast = PoolView("h100", gpu_type="H100", free_slots=0, prefill_tps=20_000.0, decode_tps=80.0)
     slow = PoolView("l4", gpu_type="L4", free_slots=4, prefill_tps=2_000.0, decode_tps=40.0)
     for pairing, first in [(True, "chat1"), (False, "doc1")]:
-        policy = Equinox(users("doc", "chat"), efficiency=Efficiency(pairing=pairing, slack_tokens=4096.0),
-                         dispatch="least_loaded")
+        policy = Equinox(users("doc", "chat"), efficiency=Efficiency(pairing=pairing, slack_tokens=4096.0))
         for user, prompt, output in [("doc", 2000, 10), ("chat", 20, 400)]:  # teach each user's mean output
             policy.submit(req(f"{user}0", user, prompt=prompt, max_tokens=output), 0)
             policy.schedule([slow], 0)

@@ -108,7 +108,6 @@ class Equinox(VTC):
         self.efficiency = efficiency
         self.queues = UserQueues(efficiency.max_overtakes)
         self._lengths = MovingAveragePredictor()  # the user's mean output, for the queue order
-        self._paired: tuple[str, PoolView | None] | None = None  # (request id, pool) that next_user paired
         self.dispatch = dispatch
         self.e2e_slo_s = e2e_slo_s
         self.prepaid_output = prepaid_output
@@ -144,9 +143,8 @@ class Equinox(VTC):
         return self.input_weight * request.prompt_tokens + self.output_weight * self._lengths.output_tokens(request)
 
     def next_user(self, pools: Sequence[PoolView]) -> str | None:
-        self._paired = None
         top = self._heap.peek()
-        pairing = self.efficiency.pairing and len({p.gpu_type for p in pools}) > 1
+        pairing = self._pairing(pools)
         if top is None or (self.efficiency.slack_tokens <= 0 and not pairing):
             return None if top is None else top[0]
         best, best_rank = top[0], None
@@ -156,29 +154,33 @@ class Equinox(VTC):
             fitting = fitting_pools(head.kv_demand, pools)
             if not fitting:
                 continue
-            pool, relative = self._best_suited(head, fitting, pools) if pairing else (None, 1.0)
+            relative = self._relative_time(head, fitting, pools) if pairing else 1.0
             rank = (relative, key[0] + self.queues.head_cost(user) / self.weight(user))
             if best_rank is None or rank < best_rank:
-                best, best_rank, self._paired = user, rank, (head.id, pool)
+                best, best_rank = user, rank
         return best
 
-    def _best_suited(self, request: Request, fitting: Sequence[PoolView],
-                     pools: Sequence[PoolView]) -> tuple[PoolView, float]:
-        """The fitting pool where the request loses least against the cluster's fastest pool for it, and that ratio
-        (1 on its fastest pool)."""
-        output = self._lengths.output_tokens(request)
+    def _pairing(self, pools: Sequence[PoolView]) -> bool:
+        """Pairing refines the fastest-pool dispatch on mixed GPU types; a configured cost or least-loaded dispatch
+        is kept as it is."""
+        return self.efficiency.pairing and self.dispatch == "fastest" and len({p.gpu_type for p in pools}) > 1
 
-        def seconds(pool: PoolView) -> float:
-            return request.prompt_tokens / pool.prefill_tps + output / pool.decode_tps
+    def _seconds(self, request: Request, pool: PoolView) -> float:
+        """The request's time on the pool from its nominal speeds and the user's mean output."""
+        return request.prompt_tokens / pool.prefill_tps + self._lengths.output_tokens(request) / pool.decode_tps
 
-        fastest = min(seconds(p) for p in pools)
-        pool = best_by(fitting, seconds)
-        return pool, round(seconds(pool) / fastest, 3) if fastest > 0 else 1.0
+    def _relative_time(self, request: Request, fitting: Sequence[PoolView], pools: Sequence[PoolView]) -> float:
+        """The request's time on the fitting pool that suits it best over its time on the cluster's fastest pool for
+        it (1 when that pool fits)."""
+        fastest = min(self._seconds(request, p) for p in pools)
+        best = min(self._seconds(request, p) for p in fitting)
+        return round(best / fastest, 3) if fastest > 0 else 1.0
 
-    def choose_pool(self, request: Request, candidates: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:
-        paired = self._paired
-        if paired is not None and paired[0] == request.id and paired[1] in candidates:
-            return paired[1], self._prediction(request, paired[1])
+    def choose_pool(self, request: Request, candidates: Sequence[PoolView],
+                    pools: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:
+        if self._pairing(pools):  # the pool next_user ranked this request by
+            pool = best_by(candidates, lambda p: self._seconds(request, p))
+            return pool, self._prediction(request, pool)
         if self.dispatch == "least_loaded" or len(candidates) == 1:
             pool = least_loaded(candidates)
             return pool, self._prediction(request, pool)

@@ -82,7 +82,8 @@ class Policy:
             floor = self.key(self._last_left)
         return floor
 
-    def choose_pool(self, request: Request, candidates: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:
+    def choose_pool(self, request: Request, candidates: Sequence[PoolView],
+                    pools: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:
         return least_loaded(candidates), None
 
     def on_admit(self, request: Request, pool: PoolView, prediction: Prediction | None, now: float) -> None:
@@ -131,7 +132,7 @@ class Policy:
         candidates = fitting_pools(request.kv_demand, pools)
         if not candidates:
             return None
-        pool, prediction = self.choose_pool(request, candidates)
+        pool, prediction = self.choose_pool(request, candidates, pools)
         score, before = self.key(user), self.counters(user)
         self.queues.pop(user)
         self._note_left(user)

@@ -15,6 +15,7 @@ Without one it is plain VTC (a prediction of zero output reduces to exactly the 
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import islice
 from typing import Iterable, Sequence
 
 from equinox_ray.fairness.pools import PoolView, least_loaded
@@ -84,7 +85,7 @@ class VTC(Policy):
         known = self._predicted.get(request.id, {})
         if any(p.name not in known for p in pools):
             self._unpredicted.pop(request.id, None)
-            others = [r for _, r in zip(range(PREDICT_BATCH - 1), self._unpredicted.values())]
+            others = list(islice(self._unpredicted.values(), PREDICT_BATCH - 1))
             self._predict_all([request, *others], pools)
         return {p.name: self._predicted[request.id][p.name] for p in pools}
 
@@ -99,7 +100,8 @@ class VTC(Policy):
     def predict(self, request: Request, pool: PoolView) -> Prediction | None:
         return None if self.predictor is None else self.predictions(request, [pool])[pool.name]
 
-    def choose_pool(self, request: Request, candidates: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:
+    def choose_pool(self, request: Request, candidates: Sequence[PoolView],
+                    pools: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:
         pool = least_loaded(candidates)
         return pool, self.predict(request, pool)
 

@@ -56,8 +56,9 @@ class EfficiencyConfig(Strict):
     slack_tokens: float = Field(1024.0, ge=0, description="(b) Delta: users within this of the smallest counter "
                                                           "compete by virtual finish. 0: smallest counter only")
     candidates: int = Field(8, ge=1, description="(b) users compared per decision")
-    pairing: bool = Field(True, description="(c) on mixed GPU types, give a free pool the request among those "
-                                            "users that it slows least against the cluster's fastest pool")
+    pairing: bool = Field(True, description="(c) on mixed GPU types with the fastest dispatch, give a free pool the "
+                                            "request among those users that it slows least against the cluster's "
+                                            "fastest pool")
 
     def to_core(self) -> Efficiency:
         return Efficiency(**self.model_dump())

@@ -298,7 +298,7 @@ class FairnessController:
         for request in self.policy.queues.waiting():
             candidates = fitting_pools(request.kv_demand, open_views)
             if candidates:
-                pool, _ = self.policy.choose_pool(request, candidates)
+                pool, _ = self.policy.choose_pool(request, candidates, open_views)
                 counts[pool.name] += 1
         return counts
 

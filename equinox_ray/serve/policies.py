@@ -23,5 +23,7 @@ def make_policy(config: PolicyConfig, users: list[User], predictor: Predictor | 
     predictor = predictor or make_predictor(config)
     if config.name == "vtc-predict":
         return VTC(users, input_weight=config.input_weight, output_weight=config.output_weight, predictor=predictor)
-    return Equinox(users, weights=config.weights.to_core(), efficiency=config.efficiency.to_core(), predictor=predictor, dispatch=config.dispatch,
-                   e2e_slo_s=config.e2e_slo_s, prepaid_output=config.prepaid_output, input_weight=config.input_weight, output_weight=config.output_weight)
+    return Equinox(users, weights=config.weights.to_core(), efficiency=config.efficiency.to_core(),
+                   predictor=predictor, dispatch=config.dispatch, e2e_slo_s=config.e2e_slo_s,
+                   prepaid_output=config.prepaid_output, input_weight=config.input_weight,
+                   output_weight=config.output_weight)
