@@ -33,7 +33,7 @@ test: install model
 
 serve: install model
 	@test -f deploy/equinox.yaml || { echo "deploy/equinox.yaml is not there yet: the Serve application is still to come (see docs/design.md)"; exit 2; }
-	$(FAST_PATH) $(VENV)/bin/serve run deploy/equinox.yaml
+	$(FAST_PATH) $(VENV)/bin/equinox-serve deploy/equinox.yaml
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR)

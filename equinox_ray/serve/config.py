@@ -157,6 +157,8 @@ class IngressConfig(Strict):
         5.0, ge=0, description="least time between two updates to the controller that carry new requests, finishes or "
                                "withdrawals (one after a pause goes at once)")
     progress_interval_ms: float = Field(20.0, ge=0, description="least time between updates of progress alone")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM or SIGINT (`equinox-serve`), how long requests "
+                                                          "already accepted may take to finish; new ones get 503")
 
 
 class ModelConfig(Strict):

@@ -29,7 +29,7 @@ from equinox_ray.serve.controller_state import Mailboxes, PoolState, ReplicaStat
 from equinox_ray.serve.errors import Busy
 from equinox_ray.serve.policies import make_policy
 from equinox_ray.serve.protocol import (
-    Abort, Dispatch, Drain, Finished, Grant, IngressBatch, Refusal, ReplicaHello, ReportAnswer, Submission,
+    Abort, Closing, Dispatch, Drain, Finished, Grant, IngressBatch, Refusal, ReplicaHello, ReportAnswer, Submission,
 )
 from equinox_ray.telemetry.spans import accounting_span, tracer_of
 from equinox_ray.telemetry.tracing import make_provider
@@ -52,6 +52,8 @@ class FairnessController:
         self.submitted_by_ingress: dict[str, int] = defaultdict(int)
         self.applied_seq: dict[str, int] = {}  # ingress -> the last batch applied
         self.to_ingress = Mailboxes()
+        self.ingresses: set[str] = set()  # those with an open grant stream
+        self.closing: Closing | None = None
         self.to_replica = Mailboxes()
         self.service_window = SlidingService(JAIN_WINDOW_S)
         self.prediction_error = PredictionError()
@@ -159,8 +161,14 @@ class FairnessController:
         self.policy.cancel(request_id)
         self.stats[tracked.request.user].cancelled += 1
 
+    def ingress_connected(self, ingress: str) -> None:
+        self.ingresses.add(ingress)
+        if self.closing is not None:
+            self.to_ingress.put(ingress, self.closing)
+
     def ingress_gone(self, ingress: str) -> None:
         """An ingress replica's grant stream closed: its clients are gone with it."""
+        self.ingresses.discard(ingress)
         self.to_ingress.drop(ingress)
         self.submitted_by_ingress.pop(ingress, None)
         for request_id, tracked in list(self.tracked.items()):
@@ -220,6 +228,22 @@ class FairnessController:
                 state.lost_at = None  # alive after all: the channel broke, not the replica
         self._dispatch()
         return ReportAnswer(self.backlog().get(report.pool, 0), pool.running)
+
+    # -- shutdown ---------------------------------------------------------------------------------------------
+    def close(self) -> float:
+        """Start the drain: every ingress replica refuses new requests from now on and cuts what is unfinished
+        after the configured deadline, which is returned. Waiting requests are still granted meanwhile."""
+        if self.closing is None:
+            self.closing = Closing(self.config.ingress.drain_timeout_s, self.config.limits.retry_after_s)
+            log.warning("draining: new requests are refused; %d accepted ones have %.0f s to finish",
+                        len(self.tracked), self.closing.deadline_s)
+            for ingress in self.ingresses:
+                self.to_ingress.put(ingress, self.closing)
+        return self.closing.deadline_s
+
+    def unfinished(self) -> int:
+        """Requests accepted and not yet finished, waiting or running."""
+        return len(self.tracked)
 
     # -- what outlives a restart -------------------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:

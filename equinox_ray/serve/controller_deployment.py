@@ -77,6 +77,8 @@ class ControllerDeployment:
     async def _deliver(self, destination: str, mailbox) -> AsyncIterator[list]:
         """Yield everything waiting for `destination`, whenever there is something; one stream per destination."""
         event = self._wake[destination] = asyncio.Event()
+        if mailbox.items.get(destination):  # put before the stream opened (a `Closing`)
+            event.set()
         yield []  # the stream is open: the caller knows it reached us
         while True:
             await event.wait()
@@ -90,6 +92,7 @@ class ControllerDeployment:
         self.controller.apply(batch)
 
     async def grants(self, ingress: str) -> AsyncIterator[list]:
+        self.controller.ingress_connected(ingress)
         try:
             async for messages in self._deliver(ingress, self.controller.to_ingress):
                 yield messages
@@ -126,3 +129,10 @@ class ControllerDeployment:
 
     async def set_policy(self, policy: PolicyConfig) -> str:
         return self.controller.set_policy(policy)
+
+    # -- shutdown (equinox_ray/serve/run.py) ------------------------------------------------------------------
+    async def close(self) -> float:
+        return self.controller.close()
+
+    async def unfinished(self) -> int:
+        return self.controller.unfinished()

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from equinox_ray.engines.types import GenerationRequest, TokenChunk
 from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.errors import Busy
-from equinox_ray.serve.ingress_links import ControllerLink, Inflight, PoolChannels, Refused
+from equinox_ray.serve.ingress_links import CUT_AT_SHUTDOWN, ControllerLink, Inflight, PoolChannels, Refused
 from equinox_ray.serve.keys import digest
 from equinox_ray.serve.openai_protocol import (
     APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, one_line, sse, unencodable, usage,
@@ -120,9 +120,18 @@ def _key_table(config: AppConfig) -> dict[str, tuple[str, str]]:
 
 
 def _engine_failure(chunk: TokenChunk) -> APIError:
-    """A request that failed on its replica: one line for the client, the whole error in the log."""
+    """A request that failed on its replica (or was cut at shutdown): one line for the client, the whole error in
+    the log."""
+    if chunk.error == CUT_AT_SHUTDOWN:
+        return APIError(503, CUT_AT_SHUTDOWN, "server_error", code="shutting_down")
     log.warning("request %s failed: %s", chunk.request_id, chunk.error)
     return APIError(503, f"the engine failed: {one_line(chunk.error or '')}", "server_error", code="engine_error")
+
+
+def _refusal(refused: Refused) -> APIError:
+    r = refused.refusal
+    kind = "rate_limit_error" if r.status == 429 else "server_error"
+    return APIError(r.status, r.message, kind, code=r.code, headers={"Retry-After": str(max(1, round(r.retry_after_s)))})
 
 
 class Tokenizer:
@@ -183,6 +192,7 @@ class EquinoxIngress:
     @api.get("/health")
     async def health(self) -> dict:
         """Ready: the controller answers and a pool replica can take work (503 with Retry-After until then)."""
+        self._refuse_if_closing()
         try:
             ready = await asyncio.wait_for(self.controller.ready.remote(), 5)
         except Exception as exc:
@@ -261,7 +271,14 @@ class EquinoxIngress:
             raise APIError(401, "invalid API key", "invalid_request_error", code="invalid_api_key")
         return user  # the OpenAI `user` field never overrides the key's identity
 
+    def _refuse_if_closing(self) -> None:
+        closing = self.link.closing
+        if closing is not None:
+            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down",
+                           headers={"Retry-After": str(max(1, round(closing.retry_after_s)))})
+
     async def _serve(self, body, user: str, ids: list[int], max_tokens: int | None, chat: bool):
+        self._refuse_if_closing()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         max_tokens = max_tokens or self.config.limits.default_max_tokens
         weight = self.weights.get(user)
@@ -279,8 +296,7 @@ class EquinoxIngress:
             try:
                 grant = await inflight.granted
             except Refused as exc:
-                raise APIError(429, str(exc), "rate_limit_error", code="queue_full",
-                               headers={"Retry-After": str(max(1, round(exc.refusal.retry_after_s)))}) from None
+                raise _refusal(exc) from None
             span.granted(grant, self.gpu_types.get(grant.pool, ""))
             first = await self._next(inflight)
         except BaseException as exc:

@@ -16,13 +16,14 @@ from typing import Callable
 from ray.serve.handle import DeploymentHandle
 
 from equinox_ray.engines.types import TokenChunk
-from equinox_ray.serve.protocol import Finished, Grant, IngressBatch, Refusal, Submission
+from equinox_ray.serve.protocol import Closing, Finished, Grant, IngressBatch, Refusal, Submission
 
 log = logging.getLogger("ray.serve")
 RECONNECT_S = 0.5
 UPDATE_TIMEOUT_S = 10.0
 CHANNEL_OPEN_TIMEOUT_S = 30.0
 ENDED = ("abort", "error")  # finish reasons of a request that did not complete
+CUT_AT_SHUTDOWN = "the server shut down before this request finished"
 
 
 class Refused(Exception):
@@ -56,6 +57,7 @@ class ControllerLink:
         self.progress_interval_s = progress_interval_s
         self.on_grant = on_grant
         self.inflight: dict[str, Inflight] = {}
+        self.closing: Closing | None = None
         self._batch = IngressBatch(ingress)
         self._seq = 0
         self._pending = asyncio.Event()
@@ -194,7 +196,10 @@ class ControllerLink:
             log.warning("resubmitting %d waiting requests to the fairness controller", len(waiting))
             self._send(lambda b: b.submissions.extend(waiting))
 
-    def _on_decision(self, message: Grant | Refusal) -> None:
+    def _on_decision(self, message: Grant | Refusal | Closing) -> None:
+        if isinstance(message, Closing):
+            self._close(message)
+            return
         if isinstance(message, Grant):
             self.on_grant(message)  # open the replica's channel, even for a withdrawn request: its end comes there
         inflight = self.inflight.get(message.request_id)
@@ -211,6 +216,28 @@ class ControllerLink:
             inflight.granted.set_exception(Refused(message))
         else:  # a retry the controller would not queue
             self.deliver(TokenChunk(message.request_id, [], finish_reason="error", error=message.message))
+
+
+    # -- shutdown ---------------------------------------------------------------------------------------------
+    def _close(self, closing: Closing) -> None:
+        if self.closing is None:
+            self.closing = closing
+            asyncio.get_running_loop().call_later(closing.deadline_s, self._cut)
+
+    def _cut(self) -> None:
+        """The drain deadline passed: every request still here ends with a 503 (an error event on a stream), and
+        the controller dequeues or aborts it."""
+        if self.inflight:
+            log.warning("drain deadline: ending %d unfinished requests", len(self.inflight))
+        for request_id, inflight in list(self.inflight.items()):
+            if inflight.ended:
+                continue
+            self.withdraw(request_id)
+            if not inflight.granted.done():
+                inflight.granted.set_exception(Refused(Refusal(request_id, CUT_AT_SHUTDOWN,
+                                                               self.closing.retry_after_s, 503, "shutting_down")))
+            else:
+                inflight.chunks.put_nowait(TokenChunk(request_id, [], finish_reason="error", error=CUT_AT_SHUTDOWN))
 
 
 class PoolChannels:

@@ -3,7 +3,7 @@
 Every message travels as itself (pickled by Serve), never flattened into a dict or into positional arguments:
 
     ingress  --IngressBatch (unary, batched)-->  controller
-    ingress  <--list[Grant | Refusal] (stream)--  controller
+    ingress  <--list[Grant | Refusal | Closing] (stream)--  controller
     pool     <--list[Dispatch | Abort | Drain] (stream)--  controller
     pool     --ReplicaReport (unary, periodic)-->  controller
     ingress  <--list[TokenChunk] (stream, coalesced)--  pool replica
@@ -76,10 +76,23 @@ class Grant:
 
 @dataclass(frozen=True)
 class Refusal:
-    """The controller would not queue the request (the user's queue is full); the ingress answers 429."""
+    """The request will not be served: the controller would not queue it (the user's queue is full: 429), or the
+    server shut down before it was granted (503)."""
 
     request_id: str
     message: str
+    retry_after_s: float
+    status: int = 429
+    code: str = "queue_full"
+
+
+@dataclass(frozen=True)
+class Closing:
+    """The application is shutting down (`equinox_ray.serve.run` heard SIGTERM or SIGINT): every ingress replica
+    answers new requests 503 with Retry-After, lets what it has finish, and ends what is still unfinished
+    `deadline_s` after it heard this with an error (an error event and `[DONE]` on a stream)."""
+
+    deadline_s: float
     retry_after_s: float
 
 
