@@ -11,10 +11,13 @@ import httpx
 import openai
 import pytest
 import ray
+import schemathesis
+from hypothesis import HealthCheck, settings
 from ray import serve
 
 from equinox_ray.serve.app import build
 from equinox_ray.serve.config import AppConfig
+from equinox_ray.serve.ingress import api
 from serve_helpers import BASE, app_args, auth, fairness, wait_until
 
 ALICE, BOB, CAROL, ADMIN = "sk-alice-demo-key", "sk-bob-demo-key", "sk-carol-demo-key", "sk-admin-demo-key"
@@ -437,3 +440,30 @@ def test_vllm_bench_serve_runs_unmodified_against_the_app(app, backend, endpoint
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["completed"] == 6 and result["failed"] == 0, result
+
+
+# Last in this module: valid admin bodies switch the policy; the fixture puts the configured one back.
+OPENAPI = schemathesis.openapi.from_dict(api.openapi())
+
+
+@pytest.fixture
+def policy_restored(app):
+    yield
+    configured = app_args("equinox.yaml")["policy"]
+    wait_until(lambda: httpx.put(f"{BASE}/v1/admin/policy", headers=auth(ADMIN), json=configured,
+                                 timeout=10).status_code == 200)
+
+
+@OPENAPI.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzzed_requests_from_the_openapi_document_never_get_a_5xx_or_a_trace(case, policy_restored):
+    """schemathesis over every route and body the OpenAPI document describes, valid and invalid, with a user's key
+    (an admin's on admin routes): every answer is below 500, and every refusal is an OpenAI error body."""
+    key = ADMIN if case.path.startswith("/v1/admin") or case.path == "/metrics" else ALICE
+    if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
+        case.body["model"] = MODEL  # past the model check, into tokenizing, admission and the engine
+    response = case.call(base_url=BASE, headers=auth(key), timeout=60)
+    assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert error["message"] and "Traceback" not in response.text, response.text[:500]

@@ -14,8 +14,10 @@ import logging
 import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
@@ -40,6 +42,28 @@ TOKENIZE_IN_THREAD_CHARS = 4096  # longer prompts are tokenized off the event lo
 
 
 # serve.ingress pickles the app when the class is decorated: helpers must be defined above the class.
+
+# The routes read their bodies themselves (the size limit comes before parsing), so FastAPI cannot see them:
+# the OpenAPI document is told each route's body model here.
+BODIES = {("/v1/completions", "post"): CompletionRequest, ("/v1/chat/completions", "post"): ChatRequest,
+          ("/v1/admin/policy", "put"): PolicyConfig}
+
+
+def _openapi() -> dict:
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        _, definitions = models_json_schema([(model, "validation") for model in BODIES.values()],
+                                            ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+        for (path, method), model in BODIES.items():
+            schema["paths"][path][method]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 @api.exception_handler(APIError)
