@@ -4,6 +4,7 @@
     python -m bench overhead                               scheduling decisions/s of the fairness core
     python -m bench real [--scenario vtc-overload lmsys]   the real Ray Serve + vLLM CPU path, time-scaled
     python -m bench path [--smoke]                         the serving path's cost against the engine alone
+    python -m bench soak [--minutes 10] [--load 2.0]       three users at twice the capacity (bench/soak.py)
 """
 
 from __future__ import annotations
@@ -125,6 +126,11 @@ def write_summary(out: Path, smoke: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> None:
     from bench.scenarios import SCENARIOS
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:  # its own options (python -m bench soak --help)
+        from bench.soak import main as soak_main
+
+        sys.exit(soak_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     suite = sub.add_parser("suite", help="simulated scenarios")
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     path = sub.add_parser("path", help="the serving path's CPU, throughput and latency")
     path.add_argument("--smoke", action="store_true", help="short loads, under 2 minutes")
     path.add_argument("--out", type=Path, default=RESULTS)
+    sub.add_parser("soak", help="three users at twice the capacity: python -m bench soak --help")
     args = parser.parse_args(argv)
     if args.command == "suite":
         args.out.mkdir(parents=True, exist_ok=True)

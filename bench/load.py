@@ -15,10 +15,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Result:
-    status: int
+    status: int  # 0: no HTTP answer (the connection failed or broke, or the client timed out)
     ttft_s: float | None  # first event with a choice (streams); the whole response otherwise
     e2e_s: float
     output_tokens: int
+    answer_s: float | None = None  # until the status line came
+    complete: bool = False  # a 200 whose stream ended with [DONE] and no error event (or a whole JSON answer)
+    error: str | None = None  # an error event's code or the exception's name
 
 
 @dataclass(frozen=True)
@@ -61,24 +64,43 @@ async def one(session: aiohttp.ClientSession, load: Load, key: str) -> Result:
         body["stream_options"] = {"include_usage": True}
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     start = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, done, error = None, 0, False, None
     async with session.post(load.url, json=body, headers=headers) as response:
+        answered = time.perf_counter() - start
         if response.status != 200:
-            await response.read()
-            return Result(response.status, None, time.perf_counter() - start, 0)
+            payload = await response.read()
+            try:
+                error = json.loads(payload)["error"]["code"]
+            except (ValueError, KeyError, TypeError):
+                error = payload[:80].decode(errors="replace")
+            return Result(response.status, None, time.perf_counter() - start, 0, answered, error=error)
         if not load.stream:
             tokens = (await response.json())["usage"]["completion_tokens"]
             elapsed = time.perf_counter() - start
-            return Result(200, elapsed, elapsed, tokens)
+            return Result(200, elapsed, elapsed, tokens, answered, complete=True)
         async for line in response.content:
+            if line.startswith(b"data: [DONE]"):
+                done = True
             if not line.startswith(b"data: {"):
                 continue
             event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"].get("code") or "error"
             if first is None and event.get("choices"):
                 first = time.perf_counter() - start
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-    return Result(200, first, time.perf_counter() - start, tokens)
+    return Result(200, first, time.perf_counter() - start, tokens, answered, complete=done and error is None,
+                  error=error if error is not None or done else "cut")
+
+
+async def attempt(session: aiohttp.ClientSession, load: Load, key: str) -> Result:
+    """`one`, with a connection that fails or breaks, or a client timeout, as a result (status 0)."""
+    start = time.perf_counter()
+    try:
+        return await one(session, load, key)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return Result(0, None, time.perf_counter() - start, 0, error=type(exc).__name__)
 
 
 async def run(load: Load, clients: int, seconds: float | None = None, requests: int | None = None) -> Summary:
@@ -91,10 +113,7 @@ async def run(load: Load, clients: int, seconds: float | None = None, requests: 
         nonlocal sent
         while (deadline is None or time.perf_counter() < deadline) and (requests is None or sent < requests):
             sent += 1
-            try:
-                results.append(await one(session, load, load.keys[i % len(load.keys)]))
-            except aiohttp.ClientError:
-                results.append(Result(0, None, 0.0, 0))
+            results.append(await attempt(session, load, load.keys[i % len(load.keys)]))
 
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=600)

@@ -19,8 +19,10 @@ BASE_URL = "http://127.0.0.1:8000"
 
 
 @contextmanager
-def default_app(users: Mapping[str, User], records_path: Path, key_prefix: str) -> Iterator[dict[str, str]]:
-    """Serve the default app for these users while the block runs; yields each user's API key."""
+def default_app(users: Mapping[str, User], records_path: Path | None, key_prefix: str,
+                overrides: Mapping[str, dict] | None = None) -> Iterator[dict[str, str]]:
+    """Serve the default app for these users while the block runs; yields each user's API key. `overrides` replace
+    fields of the config's sections (for example {"ingress": {"num_replicas": 2}})."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     use_fast_path()
     import ray
@@ -32,8 +34,10 @@ def default_app(users: Mapping[str, User], records_path: Path, key_prefix: str) 
     keys = {user: f"{key_prefix}-{i:04d}-key" for i, user in enumerate(sorted(users))}
     config = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
     config["users"] = [{"name": u, "key": {"sha256": digest(keys[u])}, "weight": users[u].weight} for u in sorted(users)]
-    config["records_path"] = str(Path(records_path).resolve())
+    config["records_path"] = str(Path(records_path).resolve()) if records_path is not None else None
     config["limits"]["max_queue_per_user"] = 4096
+    for section, fields in (overrides or {}).items():
+        config[section] = {**config.get(section, {}), **fields}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.run(build(AppConfig.model_validate(config)), name="equinox", route_prefix="/")

@@ -1,0 +1,206 @@
+"""Overload soak on the default application (real vLLM on the CPU, two ingress replicas behind HAProxy).
+
+First the capacity: a closed loop of clients keeps the engine full for `--capacity-s`; what it completes per second
+is the capacity. Then three users send Poisson arrivals at `--load` times that rate for `--minutes`: alice 60% of
+the arrivals, bob 30%, carol 10% with weight 2, so that carol asks for well under her weighted share (a half) while
+the others are over theirs. Every request streams. Printed and written to bench/results/soak.{md,json}: sent,
+completed, 429s and how fast they came, 503s, lost (no answer, or a stream cut without an error event, or none
+within `--bound-s`), per-user TTFT and served tokens, and the delivered token rate against the capacity. Exits 1 if
+a request was lost.
+
+    python -m bench soak [--minutes 10] [--load 2.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from bench.load import Load, Result, attempt
+from equinox_ray.fairness.request import User
+
+RESULTS = Path(__file__).parent / "results"
+URL = "http://127.0.0.1:8000/v1/completions"
+USERS = {"alice": (0.6, 1.0), "bob": (0.3, 1.0), "carol": (0.1, 2.0)}  # share of arrivals, weight
+PROMPT_TOKENS = (16, 256)
+OUTPUT_TOKENS = (16, 128)
+CAPACITY_CLIENTS = 48
+WARMUP_S = 20.0  # left out of the delivered rate: the queues fill first
+
+
+@dataclass(frozen=True)
+class Sent:
+    user: str
+    at_s: float  # since the soak began
+    result: Result
+
+    @property
+    def lost(self) -> bool:
+        """No HTTP answer, or a 200 whose stream was cut without an error event and [DONE]."""
+        return self.result.status == 0 or (self.result.status == 200 and self.result.error == "cut")
+
+
+class Requests:
+    """The seeded request mix: random prompt token ids and lengths, ignore_eos outputs of random length."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def next(self) -> Load:
+        prompt = self.rng.integers(5, 500, int(self.rng.integers(*PROMPT_TOKENS))).tolist()
+        return Load(URL, "tiny-llama", prompt, int(self.rng.integers(*OUTPUT_TOKENS)), stream=True)
+
+
+async def capacity(keys: dict[str, str], seconds: float, requests: Requests) -> tuple[float, float]:
+    """Completed requests/s and output tokens/s of a closed loop that keeps the engine full."""
+    done: list[Result] = []
+    deadline = time.perf_counter() + seconds
+
+    async def client(i: int, session: aiohttp.ClientSession) -> None:
+        key = list(keys.values())[i % len(keys)]
+        while time.perf_counter() < deadline:
+            done.append(await attempt(session, requests.next(), key))
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i, session) for i in range(CAPACITY_CLIENTS)))
+        wall = time.perf_counter() - start
+    ok = [r for r in done if r.complete]
+    if not ok:
+        raise SystemExit(f"no request completed: {Counter((r.status, r.error) for r in done)}")
+    return len(ok) / wall, sum(r.output_tokens for r in ok) / wall
+
+
+async def soak(keys: dict[str, str], rate: float, seconds: float, bound_s: float, requests: Requests,
+               seed: int) -> tuple[list[Sent], float]:
+    rng = np.random.default_rng(seed + 1)
+    names = list(USERS)
+    shares = np.array([USERS[u][0] for u in names])
+    sent: list[Sent] = []
+    tasks = []
+    timeout = aiohttp.ClientTimeout(total=bound_s)
+
+    async def send(session, user: str, at_s: float, load: Load) -> None:
+        sent.append(Sent(user, at_s, await attempt(session, load, keys[user])))
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        start = time.perf_counter()
+        at = 0.0
+        while at < seconds:
+            at += rng.exponential(1.0 / rate)
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            user = names[int(rng.choice(len(names), p=shares))]
+            tasks.append(asyncio.create_task(send(session, user, at, requests.next())))
+        await asyncio.gather(*tasks)
+        return sent, time.perf_counter() - start
+
+
+def percentile_ms(values: list[float], q: float) -> float | None:
+    return round(1000 * float(np.percentile(values, q)), 1) if values else None
+
+
+def delivered_tokens(complete: list[Sent], start_s: float, end_s: float) -> float:
+    """Output tokens streamed within [start_s, end_s], each request's spread evenly from its first token to its
+    last."""
+    total = 0.0
+    for s in complete:
+        first = s.at_s + (s.result.ttft_s or s.result.e2e_s)
+        last = s.at_s + s.result.e2e_s
+        overlap = min(last, end_s) - max(first, start_s)
+        if overlap > 0:
+            total += s.result.output_tokens * overlap / max(last - first, 1e-9)
+    return total
+
+
+def summarize(sent: list[Sent], seconds: float, capacity_rps: float, capacity_tps: float, rate: float) -> dict:
+    by_status = Counter(s.result.status for s in sent)
+    refused = [s.result.answer_s for s in sent if s.result.status == 429]
+    complete = [s for s in sent if s.result.complete]
+    users = {}
+    for user, (share, weight) in USERS.items():
+        mine = [s for s in sent if s.user == user]
+        served = [s for s in mine if s.result.complete]
+        ttft = [s.result.ttft_s for s in served if s.result.ttft_s is not None]
+        users[user] = {"weight": weight, "arrival_share": share, "sent": len(mine), "completed": len(served),
+                       "refused_429": sum(s.result.status == 429 for s in mine),
+                       "ttft_p50_ms": percentile_ms(ttft, 50), "ttft_p99_ms": percentile_ms(ttft, 99),
+                       "output_tokens": sum(s.result.output_tokens for s in served)}
+    total_tokens = sum(u["output_tokens"] for u in users.values()) or 1
+    for u in users.values():
+        u["token_share"] = round(u["output_tokens"] / total_tokens, 3)
+    delivered = delivered_tokens(complete, WARMUP_S, seconds) / max(seconds - WARMUP_S, 1e-9)
+    return {"seconds": seconds, "rate_rps": rate, "capacity_rps": capacity_rps, "capacity_tps": capacity_tps,
+            "sent": len(sent), "completed": len(complete), "status": dict(sorted(by_status.items())),
+            "refused_429": len(refused), "refusal_p50_ms": percentile_ms(refused, 50),
+            "refusal_p99_ms": percentile_ms(refused, 99),
+            "unavailable_503": by_status.get(503, 0), "lost": sum(s.lost for s in sent),
+            "errors": dict(sorted(Counter(s.result.error for s in sent if s.result.error).items())),
+            "delivered_tps": delivered, "delivered_over_capacity": delivered / capacity_tps, "users": users}
+
+
+def report(summary: dict, minutes: float, load: float) -> str:
+    s = summary
+    lines = [f"# Overload soak: {load:g}x capacity for {minutes:g} min (`python -m bench soak --minutes {minutes:g} "
+             f"--load {load:g}`)", "",
+             __doc__.split("\n\n")[1].replace("\n", " "), "",
+             f"Capacity (closed loop, {CAPACITY_CLIENTS} clients): {s['capacity_rps']:.1f} requests/s, "
+             f"{s['capacity_tps']:,.0f} output tokens/s. Soak arrivals: {s['rate_rps']:.1f} requests/s.", "",
+             "| sent | completed | 429 | 429 answer p50 / p99 | 503 | lost | delivered tokens/s | of capacity |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| {s['sent']:,} | {s['completed']:,} | {s['refused_429']:,} | {s['refusal_p50_ms']} / "
+             f"{s['refusal_p99_ms']} ms | {s['unavailable_503']} | {s['lost']} | {s['delivered_tps']:,.0f} | "
+             f"{s['delivered_over_capacity']:.2f}x |", "",
+             "| user | weight | share of arrivals | sent | completed | 429 | TTFT p50 | TTFT p99 | output tokens | "
+             "share of tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, u in s["users"].items():
+        lines.append(f"| {name} | {u['weight']:g} | {u['arrival_share']:.0%} | {u['sent']:,} | {u['completed']:,} | "
+                     f"{u['refused_429']:,} | {u['ttft_p50_ms']} ms | {u['ttft_p99_ms']} ms | "
+                     f"{u['output_tokens']:,} | {u['token_share']:.0%} |")
+    lines += ["", f"Statuses: {s['status']}. Errors by code: {s['errors'] or 'none'}. The delivered rate counts "
+                  f"requests that arrived after the first {WARMUP_S:g} s and finished before the arrivals stopped."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from equinox_ray.serve.local import default_app
+
+    parser = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--load", type=float, default=2.0, help="arrivals as a multiple of the measured capacity")
+    parser.add_argument("--capacity-s", type=float, default=60.0)
+    parser.add_argument("--bound-s", type=float, default=120.0, help="a request unanswered this long is lost")
+    parser.add_argument("--ingress-replicas", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    users = {name: User(name, weight) for name, (_, weight) in USERS.items()}
+    overrides = {"ingress": {"num_replicas": args.ingress_replicas}, "limits": {"max_queue_per_user": 64},
+                 "telemetry": {"exporter": "none"}}
+    requests = Requests(args.seed)
+    with default_app(users, None, "sk-soak", overrides) as keys:
+        asyncio.run(capacity(keys, 10.0, requests))  # warm-up: compile paths, fill caches
+        capacity_rps, capacity_tps = asyncio.run(capacity(keys, args.capacity_s, requests))
+        print(f"capacity: {capacity_rps:.1f} requests/s, {capacity_tps:,.0f} tokens/s", flush=True)
+        rate = args.load * capacity_rps
+        sent, _ = asyncio.run(soak(keys, rate, args.minutes * 60, args.bound_s, requests, args.seed))
+    summary = summarize(sent, args.minutes * 60, capacity_rps, capacity_tps, rate)
+    text = report(summary, args.minutes, args.load)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak.md").write_text(text)
+    (args.out / "soak.json").write_text(json.dumps({**summary, "args": {k: str(v) for k, v in vars(args).items()}},
+                                                   indent=1))
+    print(text)
+    return 1 if summary["lost"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
