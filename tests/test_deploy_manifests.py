@@ -71,3 +71,54 @@ def test_each_gpu_pool_has_a_worker_group_on_its_gpu(group, accelerator):
     spec = groups[group]["template"]["spec"]
     assert spec["nodeSelector"]["cloud.google.com/gke-accelerator"] == accelerator
     assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "equinox.json"
+
+
+def exported_samples() -> dict[str, set[str]]:
+    """Every sample name the ingress's /metrics serves after some traffic, with its label names."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_controller import config, controller, finish, grants, submit
+
+    from equinox_ray.telemetry.metrics import FairnessMetrics
+
+    ctl = controller(config(name="vtc-predict"))  # a policy that predicts: the prediction error is exported
+    metrics = FairnessMetrics(ctl)
+    ctl.ttft_observers.append(metrics.observe_ttft)
+    submit(ctl, "r0", "a")
+    submit(ctl, "r1", "b")
+    grants(ctl)
+    finish(ctl, "r0")
+    body, _ = metrics.render()
+    samples: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, set()).update(sample.labels)
+    return samples
+
+
+def dashboard_queries() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    return queries + [v["query"]["query"] for v in board["templating"]["list"]]
+
+
+def test_the_grafana_dashboard_queries_only_metrics_and_labels_the_ingress_exports():
+    import re
+
+    samples = exported_samples()
+    labels = set().union(*samples.values())
+    for query in dashboard_queries():
+        for name in re.findall(r"\b(equinox_[a-z_]+)\b", query):
+            assert name in samples, f"{name} in {query!r} is not exported"
+        used = [label for group in re.findall(r"by \(([^)]*)\)", query) for label in group.split(",")]
+        used += re.findall(r"[{,]\s*([a-z_]+)\s*=~?", query) + re.findall(r"label_values\([a-z_]+, ([a-z_]+)\)", query)
+        assert {label.strip() for label in used} <= labels, (query, labels)
+
+
+def test_the_dashboard_shows_what_an_operator_asks_for():
+    queries = " ".join(dashboard_queries())
+    for metric in ("equinox_user_served_tokens_total", "equinox_user_queue_length", "equinox_user_ttft_seconds_bucket",
+                   "equinox_jain_index", "equinox_pool_throughput_tokens_per_second", "equinox_pool_utilization"):
+        assert metric in queries
