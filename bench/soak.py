@@ -19,12 +19,15 @@ import json
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 
+from bench import cpu
+from bench.cpu import KINDS
 from bench.load import Load, Result, attempt
 from equinox_ray.fairness.request import User
 
@@ -165,9 +168,24 @@ def report(summary: dict, minutes: float, load: float) -> str:
         lines.append(f"| {name} | {u['weight']:g} | {u['arrival_share']:.0%} | {u['sent']:,} | {u['completed']:,} | "
                      f"{u['refused_429']:,} | {u['ttft_p50_ms']} ms | {u['ttft_p99_ms']} ms | "
                      f"{u['output_tokens']:,} | {u['token_share']:.0%} |")
-    lines += ["", f"Statuses: {s['status']}. Errors by code: {s['errors'] or 'none'}. The delivered rate counts "
-                  f"requests that arrived after the first {WARMUP_S:g} s and finished before the arrivals stopped."]
+    lines += ["", f"Statuses: {s['status']}. Errors by code: {s['errors'] or 'none'}. Delivered: output tokens "
+                  f"streamed from {WARMUP_S:g} s after the first arrival to the last arrival, each request's spread "
+                  "from its first token to its last."]
+    if "cpu" in s:
+        lines += ["", "CPU cores used, by process kind (bench/cpu.py), while measuring the capacity and during the "
+                      "soak:", "", "| phase | " + " | ".join(KINDS) + " |", "|---|" + "---:|" * len(KINDS)]
+    for phase in s.get("cpu", {}):
+        lines.append(f"| {phase} | " + " | ".join(f"{s['cpu'][phase][k]:.2f}" for k in KINDS) + " |")
     return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def cpu_use(into: dict, phase: str):
+    """Cores used per process kind while the block runs."""
+    before, start = cpu.snapshot("equinox"), time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    into[phase] = {kind: used / seconds for kind, used in cpu.spent(before, cpu.snapshot("equinox")).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,13 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"ingress": {"num_replicas": args.ingress_replicas}, "limits": {"max_queue_per_user": 64},
                  "telemetry": {"exporter": "none"}}
     requests = Requests(args.seed)
+    cores = {}
     with default_app(users, None, "sk-soak", overrides) as keys:
         asyncio.run(capacity(keys, 10.0, requests))  # warm-up: compile paths, fill caches
-        capacity_rps, capacity_tps = asyncio.run(capacity(keys, args.capacity_s, requests))
+        with cpu_use(cores, "capacity"):
+            capacity_rps, capacity_tps = asyncio.run(capacity(keys, args.capacity_s, requests))
         print(f"capacity: {capacity_rps:.1f} requests/s, {capacity_tps:,.0f} tokens/s", flush=True)
         rate = args.load * capacity_rps
-        sent, _ = asyncio.run(soak(keys, rate, args.minutes * 60, args.bound_s, requests, args.seed))
-    summary = summarize(sent, args.minutes * 60, capacity_rps, capacity_tps, rate)
+        with cpu_use(cores, "soak"):
+            sent, _ = asyncio.run(soak(keys, rate, args.minutes * 60, args.bound_s, requests, args.seed))
+    summary = {**summarize(sent, args.minutes * 60, capacity_rps, capacity_tps, rate), "cpu": cores}
     text = report(summary, args.minutes, args.load)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.md").write_text(text)
