@@ -1,6 +1,8 @@
 """The fairness controller's logic, driven with the messages of the serving path (it is plain Python; Serve hosts it
 in its own deployment, controller_deployment.py)."""
 
+import os
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -9,9 +11,14 @@ from equinox_ray.engines.replica import ReplicaReport
 from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.controller import FairnessController
 from equinox_ray.serve.errors import Busy
+from equinox_ray.serve.fairness_view import snapshot
 from equinox_ray.serve.protocol import (
     Abort, Closing, Dispatch, Drain, Finished, Grant, IngressBatch, Refusal, ReplicaHello, Submission,
 )
+
+
+os.environ.setdefault("KEY_A", "sk-key-of-a")  # the config names its users' keys by env var
+os.environ.setdefault("KEY_B", "sk-key-of-b")
 
 
 def config(**policy) -> AppConfig:
@@ -50,7 +57,7 @@ def finish(ctl, rid: str, output: int = 10, cancelled: bool = False, ingress: st
 
 
 def grants(ctl, ingress: str = "i0") -> dict[str, Grant | Refusal]:
-    return {m.request_id: m for m in ctl.to_ingress.take(ingress)}
+    return {m.request_id: m for m in ctl.to_ingress.take(ingress) if isinstance(m, (Grant, Refusal))}
 
 
 def test_grants_wait_for_free_slots_and_a_finish_releases_the_next():
@@ -64,7 +71,7 @@ def test_grants_wait_for_free_slots_and_a_finish_releases_the_next():
     assert all(isinstance(d, Dispatch) and d.ingress == "i0" for d in work)
     finish(ctl, "r0")
     assert list(grants(ctl)) == ["r4"]
-    assert ctl.snapshot()["users"]["a"]["finished"] == 1
+    assert snapshot(ctl)["users"]["a"]["finished"] == 1
 
 
 def test_one_policy_serves_every_ingress_and_answers_each_on_its_own_stream():
@@ -72,7 +79,7 @@ def test_one_policy_serves_every_ingress_and_answers_each_on_its_own_stream():
     submit(ctl, "x1", "a", ingress="i1")
     submit(ctl, "y1", "b", ingress="i2")
     assert list(grants(ctl, "i1")) == ["x1"] and list(grants(ctl, "i2")) == ["y1"]
-    assert ctl.snapshot()["users"]["a"]["submitted"] == ctl.snapshot()["users"]["b"]["submitted"] == 1
+    assert snapshot(ctl)["users"]["a"]["submitted"] == snapshot(ctl)["users"]["b"]["submitted"] == 1
 
 
 def test_a_full_user_queue_is_refused_and_other_users_are_not():
@@ -87,7 +94,7 @@ def test_a_full_user_queue_is_refused_and_other_users_are_not():
     assert isinstance(refused, Refusal) and "3 requests waiting" in refused.message and refused.retry_after_s >= 1
     submit(ctl, "b0", "b")
     assert ctl.policy.queue_length("b") == 1 and not grants(ctl)
-    assert ctl.snapshot()["users"]["a"]["rejected"] == 1
+    assert snapshot(ctl)["users"]["a"]["rejected"] == 1
 
 
 def test_withdrawn_while_waiting_leaves_the_queue():
@@ -96,7 +103,7 @@ def test_withdrawn_while_waiting_leaves_the_queue():
         submit(ctl, f"fill{i}", "a")
     submit(ctl, "w", "b")
     ctl.apply(IngressBatch("i0", withdrawn=["w"]))
-    assert ctl.policy.queue_length("b") == 0 and ctl.snapshot()["users"]["b"]["cancelled"] == 1
+    assert ctl.policy.queue_length("b") == 0 and snapshot(ctl)["users"]["b"]["cancelled"] == 1
     assert "w" not in ctl.tracked
 
 
@@ -108,7 +115,7 @@ def test_withdrawn_while_running_is_aborted_on_its_replica_and_charged_what_it_w
     ctl.apply(IngressBatch("i0", progress={"r": 4}, withdrawn=["r"]))
     assert ctl.to_replica.take(replica) == [Abort("r")]
     finish(ctl, "r", output=5, cancelled=True)  # the replica's abort chunk carried its usage
-    row = ctl.snapshot()["users"]["a"]
+    row = snapshot(ctl)["users"]["a"]
     assert row["cancelled"] == 1 and row["running"] == 0 and row["output_tokens"] == 5
     assert ctl.policy.counters("a")["service"] == 10 + 2 * 5
 
@@ -204,7 +211,7 @@ def test_a_gone_ingress_is_withdrawn_everywhere():
     assert sorted(aborted) == sorted(granted)
     assert not any(t.dispatch.ingress == "dead" for t in ctl.tracked.values())
     assert "other" in grants(ctl, "alive")  # the slots the dead ingress held are free again
-    assert ctl.snapshot()["users"]["a"]["cancelled"] == 5
+    assert snapshot(ctl)["users"]["a"]["cancelled"] == 5
 
 
 def test_closing_tells_every_ingress_even_one_that_connects_later_and_waiting_requests_are_still_granted():
@@ -371,6 +378,45 @@ def test_a_checkpoint_of_another_policy_restores_usage_but_not_its_counters():
     restarted = controller(config(name="equinox", predictor="moving-average"))
     restarted.restore(checkpoint)
     assert restarted.stats["a"].submitted == 1 and restarted.policy.counters("a")["service"] == 0
+
+
+def test_users_and_keys_change_at_run_time_reach_every_ingress_and_survive_a_restart():
+    from equinox_ray.serve.keys import digest
+    from equinox_ray.serve.users import KeyInUse, UserExists, UserNotFound, UserTable
+
+    ctl = controller()
+    ctl.ingress_connected("i0")
+    seeded = [m for m in ctl.to_ingress.take("i0") if isinstance(m, UserTable)][-1]
+    assert seeded.users == {digest("sk-key-of-a"): "a", digest("sk-key-of-b"): "b"}
+    ctl.add_user("c", 3.0, digest("sk-c-1"))
+    with pytest.raises(UserExists):
+        ctl.add_user("c", 1.0, digest("sk-c-9"))
+    with pytest.raises(KeyInUse):
+        ctl.add_user("d", 1.0, digest("sk-c-1"))
+    ctl.rotate_key("c", digest("sk-c-2"), keep_old=False)
+    ctl.set_weight("a", 2.0)
+    table = [m for m in ctl.to_ingress.take("i0") if isinstance(m, UserTable)][-1]
+    assert table.users[digest("sk-c-2")] == "c" and digest("sk-c-1") not in table.users
+    assert table.weights == {"a": 2.0, "b": 1.0, "c": 3.0} and ctl.policy.weight("a") == 2.0
+    submit(ctl, "r0", "b")
+    submit(ctl, "r1", "b")
+    submit(ctl, "r2", "b")
+    assert len(grants(ctl)) == 3  # two slots per pool: all granted
+    for i in range(3, 8):
+        submit(ctl, f"r{i}", "b")
+    grants(ctl)
+    ctl.remove_user("b")  # its waiting requests are refused; its key stops working
+    refused = [m for m in ctl.to_ingress.take("i0") if isinstance(m, Refusal)]
+    assert refused and all(r.status == 403 for r in refused) and not ctl.policy.queue_length("b")
+    with pytest.raises(UserNotFound):
+        ctl.set_weight("b", 1.0)
+    submit(ctl, "late", "b")
+    assert [m.status for m in ctl.to_ingress.take("i0") if isinstance(m, Refusal)] == [403]
+
+    restarted = controller()  # the same config seeds a and b; the checkpoint's registry wins
+    restarted.restore(ctl.checkpoint())
+    assert restarted.registry.listing() == {"a": {"weight": 2.0, "keys": 1}, "c": {"weight": 3.0, "keys": 1}}
+    assert restarted.policy.weight("c") == 3.0
 
 
 def test_a_batch_sent_again_after_a_lost_answer_is_applied_once():

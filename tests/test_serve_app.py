@@ -118,6 +118,67 @@ def test_models_and_health(app):
     assert httpx.get(f"{BASE}/health").json() == {"status": "ok"}
 
 
+def test_every_supported_sampling_parameter_is_honoured_through_the_openai_sdk(app):
+    c = client(ALICE)
+    greedy = c.completions.create(model=MODEL, prompt="ka lo mi ne", max_tokens=12, extra_body={"ignore_eos": True})
+    text = greedy.choices[0].text
+    sampled = c.completions.create(model=MODEL, prompt="ka lo mi ne", max_tokens=12, temperature=1.0,
+                                   extra_body={"ignore_eos": True, "top_k": 1})
+    assert sampled.choices[0].text == text  # top_k 1 samples the greedy path
+    word = text[len(text) // 2:len(text) // 2 + 3]
+    stopped = c.completions.create(model=MODEL, prompt="ka lo mi ne", max_tokens=12, stop=[word],
+                                   extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == text[:text.index(word)]
+    chat = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka lo mi ne"}],
+                                          max_tokens=12, stop=word, stream=True, extra_body={"ignore_eos": True}))
+    assert chat[-1].choices[0].finish_reason in ("stop", "length")
+    for extra in ({"top_p": 0.5, "temperature": 0.8, "presence_penalty": 0.5, "frequency_penalty": -0.5},
+                  {"seed": 3}, {"extra_body": {"min_p": 0.1, "repetition_penalty": 1.2, "stop_token_ids": [2]}}):
+        done = c.completions.create(model=MODEL, prompt="ka lo", max_tokens=4, **extra)
+        assert done.choices[0].finish_reason in ("stop", "length")
+    for params in ({"n": 2}, {"logprobs": 1}, {"echo": True}, {"best_of": 2}, {"logit_bias": {"5": 1.0}},
+                   {"suffix": "x"}, {"extra_body": {"frobnicate": 1}}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.completions.create(model=MODEL, prompt="ka lo", max_tokens=2, **params)
+        name = next(iter(params.get("extra_body", params)))
+        assert refused.value.body["param"] == name and name in refused.value.body["message"]
+    for params in ({"logprobs": True}, {"response_format": {"type": "json_object"}},
+                   {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka"}], max_tokens=2,
+                                      **params)
+        assert refused.value.body["param"] == next(iter(params))
+
+
+def test_an_admin_adds_reweights_rotates_and_removes_a_user_without_a_redeploy(app):
+    admin = auth(ADMIN)
+
+    def status(key: str) -> int:
+        return httpx.post(f"{BASE}/v1/completions", headers=auth(key), timeout=60,
+                          json={"model": MODEL, "prompt": "ka", "max_tokens": 1}).status_code
+
+    def everywhere(key: str, expected: int) -> bool:  # four tries reach both ingress replicas
+        return all(status(key) == expected for _ in range(4))
+
+    assert httpx.post(f"{BASE}/v1/admin/users", headers=auth(ALICE), json={"name": "dave"}).status_code == 403
+    made = httpx.post(f"{BASE}/v1/admin/users", headers=admin, json={"name": "dave", "weight": 2.0}, timeout=10)
+    assert made.status_code == 200, made.text
+    key = made.json()["key"]
+    wait_until(lambda: everywhere(key, 200))
+    assert httpx.post(f"{BASE}/v1/admin/users", headers=admin, json={"name": "dave"}).status_code == 409
+    assert httpx.patch(f"{BASE}/v1/admin/users/dave", headers=admin, json={"weight": 4.0}).status_code == 200
+    listing = httpx.get(f"{BASE}/v1/admin/users", headers=admin).json()["users"]
+    assert listing["dave"] == {"weight": 4.0, "keys": 1} and key not in json.dumps(listing)
+    assert fairness(ADMIN)["users"]["dave"]["weight"] == 4.0
+    rotated = httpx.post(f"{BASE}/v1/admin/users/dave/keys", headers=admin, json={}, timeout=10).json()["key"]
+    wait_until(lambda: everywhere(key, 401))
+    assert everywhere(rotated, 200)
+    assert httpx.delete(f"{BASE}/v1/admin/users/dave", headers=admin).status_code == 200
+    wait_until(lambda: everywhere(rotated, 401))
+    assert httpx.delete(f"{BASE}/v1/admin/users/dave", headers=admin).status_code == 404
+    assert httpx.patch(f"{BASE}/v1/admin/users/nobody", headers=admin, json={"weight": 1.0}).status_code == 404
+
+
 def test_the_user_field_never_overrides_the_key(app):
     before = fairness(ADMIN)["users"]
     client(ALICE).completions.create(model=MODEL, prompt="ka", max_tokens=2, user="bob")

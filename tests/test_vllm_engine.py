@@ -9,7 +9,7 @@ import pytest
 
 from equinox_ray.engines.admission import AdmissionWindow
 from equinox_ray.engines.replica import Replica
-from equinox_ray.engines.types import EngineError, GenerationRequest, RequestRejected
+from equinox_ray.engines.types import EngineError, GenerationRequest, RequestRejected, Sampling
 from equinox_ray.engines.vllm_engine import VLLMEngine, VLLMEngineConfig
 
 MODEL = os.path.join(os.path.dirname(__file__), "..", "models", "tiny-llama")
@@ -60,12 +60,30 @@ def test_sampling_is_seeded_only_by_the_client(engine, loop):
     """No seed of ours: two samples of one prompt differ. The client's seed makes them equal (on a short prompt:
     a seeded prompt that is prefilled in chunks kills vLLM-CPU, which the ingress refuses)."""
     def sample(rid: str, seed: int | None) -> list[int]:
-        request = GenerationRequest(rid, max_tokens=24, prompt_token_ids=[7, 8, 9], temperature=1.0, seed=seed,
-                                    ignore_eos=True)
+        request = GenerationRequest(rid, max_tokens=24, prompt_token_ids=[7, 8, 9], ignore_eos=True,
+                                    sampling=Sampling(temperature=1.0, seed=seed))
         return [t for c in loop.run_until_complete(collect(engine.generate(request))) for t in c.token_ids]
 
     assert sample("free-1", None) != sample("free-2", None)
     assert sample("seeded-1", 1234) == sample("seeded-2", 1234)
+
+
+def test_the_clients_sampling_parameters_reach_vllm(engine, loop):
+    def run(rid: str, sampling: Sampling) -> tuple[list[int], str, str]:
+        request = GenerationRequest(rid, max_tokens=16, prompt_token_ids=[7, 8, 9], ignore_eos=True,
+                                    sampling=sampling)
+        chunks = loop.run_until_complete(collect(engine.generate(request)))
+        return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), chunks[-1].finish_reason
+
+    greedy, text, finish = run("greedy", Sampling())
+    assert finish == "length" and len(greedy) == 16
+    assert run("top-k-1", Sampling(temperature=1.0, top_k=1))[0] == greedy  # top_k 1 samples the greedy path
+    stop_at = greedy.index(greedy[5])
+    tokens, _, finish = run("stop-id", Sampling(stop_token_ids=(greedy[5],)))
+    assert finish == "stop" and tokens == greedy[:stop_at + 1]
+    word = text[len(text) // 2:len(text) // 2 + 3]
+    _, cut, finish = run("stop-string", Sampling(stop=(word,)))
+    assert finish == "stop" and cut == text[:text.index(word)]
 
 
 def test_text_prompts_are_tokenized_and_text_comes_back(engine, loop):

@@ -14,6 +14,23 @@ class RequestRejected(ValueError):
     """A request refused before it reaches the engine (empty prompt, too long, bad max_tokens)."""
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """The client's sampling parameters, as vLLM's `SamplingParams` takes them (its defaults where not sent). The
+    simulated engine draws no tokens, so it has none to apply."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # the client's seed, never one it did not send
+    stop: tuple[str, ...] = ()  # generation ends before any of these strings (finish reason "stop")
+    stop_token_ids: tuple[int, ...] = ()
+
+
 @dataclass
 class GenerationRequest:
     id: str
@@ -21,8 +38,7 @@ class GenerationRequest:
     prompt_token_ids: list[int] | None = None
     prompt: str | None = None  # text, tokenized by the engine when no ids are given
     ignore_eos: bool = False  # trace replay: produce exactly max_tokens
-    temperature: float = 0.0
-    seed: int | None = None  # the client's seed, never one it did not send
+    sampling: Sampling = Sampling()
     priority: int = 0  # lower first, as vLLM's priority scheduling
     stream_every: int = 1  # the engine may hold tokens back until it has this many (first and last: at once)
     prompt_len_hint: int | None = None  # prompt length in tokens when only text is given and ids are unknown

@@ -124,10 +124,14 @@ class VLLMEngine:
         if max(ids) >= self._tokenizer.vocab_size + len(self._tokenizer.get_added_vocab()) or min(ids) < 0:
             raise RequestRejected(f"request {request.id!r}: token ids outside the vocabulary")
         self._check_alive()
+        sampling = request.sampling
         params = SamplingParams(max_tokens=request.max_tokens, ignore_eos=request.ignore_eos,
-                                temperature=request.temperature, output_kind=RequestOutputKind.DELTA,
-                                stream_interval=request.stream_every,
-                                seed=request.seed)
+                                output_kind=RequestOutputKind.DELTA, stream_interval=request.stream_every,
+                                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                min_p=sampling.min_p, presence_penalty=sampling.presence_penalty,
+                                frequency_penalty=sampling.frequency_penalty,
+                                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed,
+                                stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids))
         active = _Active(len(ids), time.monotonic())
         self._active[request.id] = active
         finished = False

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import TypeAdapter
 
 from equinox_ray.serve.config import CheckpointConfig
+from equinox_ray.serve.users import RegistryState
 
 log = logging.getLogger("ray.serve")
 
@@ -36,6 +37,7 @@ class Checkpoint:
     usage: dict[str, UsageTotals]
     predictor: dict | None = None  # the predictor's online_state(), where it has one
     written_at: float = 0.0  # wall-clock seconds
+    users: RegistryState | None = None  # users and key digests as the admin API left them (None: older checkpoint)
 
 
 _ADAPTER = TypeAdapter(Checkpoint)

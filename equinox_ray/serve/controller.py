@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import defaultdict
 from dataclasses import fields
@@ -21,7 +20,6 @@ from typing import Callable
 from equinox_ray.engines.replica import ReplicaReport
 from equinox_ray.fairness import Outcome, PoolView, Request, User
 from equinox_ray.fairness.live import PredictionError, SlidingService
-from equinox_ray.fairness.metrics import percentiles
 from equinox_ray.fairness.pools import fitting_pools
 from equinox_ray.serve.checkpoint import Checkpoint, UsageTotals
 from equinox_ray.serve.config import AppConfig, PolicyConfig
@@ -31,6 +29,7 @@ from equinox_ray.serve.policies import make_policy
 from equinox_ray.serve.protocol import (
     Abort, Closing, Dispatch, Drain, Finished, Grant, IngressBatch, Refusal, ReplicaHello, ReportAnswer, Submission,
 )
+from equinox_ray.serve.users import UserRegistry
 from equinox_ray.telemetry.spans import accounting_span, tracer_of
 from equinox_ray.telemetry.tracing import make_provider
 
@@ -45,6 +44,7 @@ class FairnessController:
         self.config = config
         self.clock = clock
         self._t0 = clock()
+        self.registry = UserRegistry(config.users)
         self.policy = make_policy(config.policy, [User(u.name, u.weight) for u in config.users])
         self.pools = {p.name: PoolState(p) for p in config.pools}
         self.stats: dict[str, UserStats] = defaultdict(UserStats)
@@ -89,10 +89,10 @@ class FairnessController:
         user, generation = submission.user, submission.generation
         if generation.id in self.tracked:  # sent again by an ingress that could not know it arrived
             return None
+        if self.config.auth and user not in self.registry:  # its key was good at the ingress, then removed
+            self.to_ingress.put(ingress, Refusal(generation.id, f"unknown user {user!r}", 0.0, 403, "user_removed"))
+            return None
         if user not in self.policy.users:
-            if self.config.auth:  # the ingress authenticated the key; a user removed since then is refused
-                self.to_ingress.put(ingress, Refusal(generation.id, f"unknown user {user!r}", 0.0))
-                return None
             self.policy.add_user(User(user))  # auth off: demo users appear as they come
         limit = self.config.limits.max_queue_per_user
         if self.policy.queue_length(user) >= limit:
@@ -163,6 +163,8 @@ class FairnessController:
 
     def ingress_connected(self, ingress: str) -> None:
         self.ingresses.add(ingress)
+        if self.config.auth:
+            self.to_ingress.put(ingress, self.registry.table())
         if self.closing is not None:
             self.to_ingress.put(ingress, self.closing)
 
@@ -251,12 +253,17 @@ class FairnessController:
         usage = {user: UsageTotals(**{f.name: getattr(s, f.name) for f in fields(UsageTotals)})
                  for user, s in self.stats.items()}
         return Checkpoint(self.policy.name, self.policy.durable_state(), usage,
-                          predictor.online_state() if hasattr(predictor, "online_state") else None, time.time())
+                          predictor.online_state() if hasattr(predictor, "online_state") else None, time.time(),
+                          self.registry.state())
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Counters, usage and predictor corrections as the last checkpoint had them. Requests are not in it:
         the ingress replicas submit their waiting ones again, and a running one's finish (unknown here) is not
         charged again."""
+        if checkpoint.users is not None:
+            self.registry.restore(checkpoint.users)
+            for name, record in self.registry.users.items():
+                self.policy.add_user(User(name, record.weight))
         if checkpoint.policy == self.policy.name:
             self.policy.restore(checkpoint.counters)
         else:
@@ -267,6 +274,39 @@ class FairnessController:
         predictor = getattr(self.policy, "predictor", None)
         if checkpoint.predictor is not None and hasattr(predictor, "restore_online"):
             predictor.restore_online(checkpoint.predictor)
+
+    # -- admin: users and keys (serve/users.py) ---------------------------------------------------------------
+    def add_user(self, name: str, weight: float, key_digest: str) -> None:
+        self.registry.add(name, weight, key_digest)
+        self.policy.add_user(User(name, weight))
+        self._users_changed()
+
+    def set_weight(self, name: str, weight: float) -> None:
+        self.registry.set_weight(name, weight)
+        self.policy.add_user(User(name, weight))  # applies to charges from now on
+        self._users_changed()
+
+    def rotate_key(self, name: str, key_digest: str, keep_old: bool) -> None:
+        self.registry.rotate(name, key_digest, keep_old)
+        self._users_changed()
+
+    def remove_user(self, name: str) -> None:
+        """Its keys stop working and its waiting requests are refused (403); running ones finish. The policy keeps
+        its counters, so a user added again under the same name is lifted as any returning user is."""
+        self.registry.remove(name)
+        for request_id, tracked in list(self.tracked.items()):
+            if tracked.request.user == name and tracked.granted_at is None:
+                del self.tracked[request_id]
+                self.policy.cancel(request_id)
+                self.to_ingress.put(tracked.dispatch.ingress, Refusal(request_id, f"user {name!r} was removed",
+                                                                      0.0, 403, "user_removed"))
+        self._users_changed()
+
+    def _users_changed(self) -> None:
+        self.version += 1
+        table = self.registry.table()
+        for ingress in self.ingresses:
+            self.to_ingress.put(ingress, table)
 
     # -- admin ------------------------------------------------------------------------------------------------
     def set_policy(self, config: PolicyConfig) -> str:
@@ -326,34 +366,6 @@ class FairnessController:
                 counts[pool.name] += 1
         return counts
 
-    def snapshot(self, user: str | None = None) -> dict:
-        users = [user] if user is not None else sorted(set(self.policy.users) | set(self.stats))
-        running = self.running_by_user()
-        rows = {}
-        for name in users:
-            s = self.stats[name]
-            rows[name] = {
-                "weight": self.policy.users[name].weight if name in self.policy.users else None,
-                "queue_length": self.policy.queue_length(name),
-                "running": running[name],
-                "counters": self.policy.counters(name) if name in self.policy.users else {},
-                "submitted": s.submitted, "finished": s.finished, "rejected": s.rejected, "cancelled": s.cancelled,
-                "retried": s.retried,
-                "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens,
-                "service": self.policy_service(s.prompt_tokens, s.output_tokens),
-                "ttft_s": _percentiles(s.ttft_s), "e2e_s": _percentiles(s.e2e_s),
-            }
-        backlog = self.backlog()
-        pools = {name: {"gpu_type": p.config.gpu_type, "replicas": len(p.replicas), "capacity": p.capacity(),
-                        "running": p.running, "granted": p.granted, "backlog": backlog[name],
-                        "tokens_per_s": sum(r.report.stats.tokens_per_s for r in p.replicas.values() if r.report),
-                        "utilization": p.view().utilization if p.replicas else None,
-                        "replicas_detail": {name: _replica_detail(r) for name, r in p.replicas.items()}}
-                 for name, p in self.pools.items()}
-        return {"policy": self.policy.name, "time_s": self.now(), "users": rows, "pools": pools,
-                "ingress": {name: {"submitted": n} for name, n in self.submitted_by_ingress.items()},
-                "jain": self.jain(), "jain_window_s": JAIN_WINDOW_S, "predictor": self.predictor_status()}
-
     def policy_service(self, prompt_tokens: int, output_tokens: int) -> float:
         return self.config.policy.input_weight * prompt_tokens + self.config.policy.output_weight * output_tokens
 
@@ -387,17 +399,3 @@ class FairnessController:
             "output_tokens": output_tokens, "ttft_s": ttft_s, "e2e_s": e2e_s,
             "throughput_tps": view.throughput_tps, "utilization": view.utilization, "finish_s": self.now()}) + "\n")
         self._records.flush()
-
-
-def _replica_detail(state: ReplicaState) -> dict:
-    detail = {"window": state.window, "running": state.running}
-    if state.report is not None:
-        r = state.report
-        detail.update(in_flight=r.in_flight, local_queue=r.local_queue, engine_running=r.stats.running,
-                      engine_waiting=r.stats.waiting, finished=r.finished)
-    return detail
-
-
-def _percentiles(values) -> dict:
-    """p50 and p99 for JSON: None where there is nothing to measure yet."""
-    return {k: (None if math.isnan(v) else v) for k, v in percentiles(values).items()}

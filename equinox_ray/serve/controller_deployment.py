@@ -21,6 +21,7 @@ from equinox_ray.engines.replica import ReplicaReport
 from equinox_ray.serve.checkpoint import CheckpointStore
 from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.controller import FairnessController
+from equinox_ray.serve.fairness_view import snapshot
 from equinox_ray.serve.protocol import IngressBatch, ReplicaHello, ReportAnswer
 from equinox_ray.serve.routing import watch_replicas
 from equinox_ray.telemetry.metrics import FairnessMetrics
@@ -118,7 +119,7 @@ class ControllerDeployment:
 
     # -- views and admin --------------------------------------------------------------------------------------
     async def snapshot(self, user: str | None = None) -> dict:
-        return self.controller.snapshot(user)
+        return snapshot(self.controller, user)
 
     async def users(self) -> dict[str, float]:
         """Registered users and their weights (the ingress labels its spans with them)."""
@@ -129,6 +130,22 @@ class ControllerDeployment:
 
     async def set_policy(self, policy: PolicyConfig) -> str:
         return self.controller.set_policy(policy)
+
+    # -- users and keys (serve/users.py) -----------------------------------------------------------------------
+    async def list_users(self) -> dict[str, dict]:
+        return self.controller.registry.listing()
+
+    async def add_user(self, name: str, weight: float, key_digest: str) -> None:
+        self.controller.add_user(name, weight, key_digest)
+
+    async def set_weight(self, name: str, weight: float) -> None:
+        self.controller.set_weight(name, weight)
+
+    async def rotate_key(self, name: str, key_digest: str, keep_old: bool) -> None:
+        self.controller.rotate_key(name, key_digest, keep_old)
+
+    async def remove_user(self, name: str) -> None:
+        self.controller.remove_user(name)
 
     # -- shutdown (equinox_ray/serve/run.py) ------------------------------------------------------------------
     async def close(self) -> float:

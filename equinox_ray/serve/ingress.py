@@ -9,14 +9,12 @@ still waits, aborted on its replica if it runs, and charged only what it was ser
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -25,20 +23,21 @@ from starlette.exceptions import HTTPException
 from equinox_ray.engines.types import GenerationRequest, TokenChunk
 from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.errors import Busy
-from equinox_ray.serve.ingress_links import CUT_AT_SHUTDOWN, ControllerLink, Inflight, PoolChannels, Refused
-from equinox_ray.serve.keys import digest
+from equinox_ray.serve.http_io import bearer, engine_failure, parse, refusal, user_errors
+from equinox_ray.serve.ingress_links import ControllerLink, Inflight, PoolChannels, Refused
+from equinox_ray.serve.keys import digest, new_key
 from equinox_ray.serve.openai_protocol import (
-    APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, one_line, sse, unencodable, usage,
+    APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, sse, usage,
 )
-from equinox_ray.serve.paths import resolve
 from equinox_ray.serve.protocol import Submission
+from equinox_ray.serve.tokenizer import Tokenizer
+from equinox_ray.serve.users import KeyRotation, NewUser, UserTable, WeightChange
 from equinox_ray.telemetry.dashboard import DASHBOARD_HTML
 from equinox_ray.telemetry.spans import RequestTrace, tracer_of
 from equinox_ray.telemetry.tracing import make_provider
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="equinox-ray", description="Fair multi-user LLM serving (OpenAI-compatible)")
-TOKENIZE_IN_THREAD_CHARS = 4096  # longer prompts are tokenized off the event loop that serves everyone else
 
 
 # serve.ingress pickles the app when the class is decorated: helpers must be defined above the class.
@@ -46,7 +45,8 @@ TOKENIZE_IN_THREAD_CHARS = 4096  # longer prompts are tokenized off the event lo
 # The routes read their bodies themselves (the size limit comes before parsing), so FastAPI cannot see them:
 # the OpenAPI document is told each route's body model here.
 BODIES = {("/v1/completions", "post"): CompletionRequest, ("/v1/chat/completions", "post"): ChatRequest,
-          ("/v1/admin/policy", "put"): PolicyConfig}
+          ("/v1/admin/policy", "put"): PolicyConfig, ("/v1/admin/users", "post"): NewUser,
+          ("/v1/admin/users/{name}", "patch"): WeightChange, ("/v1/admin/users/{name}/keys", "post"): KeyRotation}
 
 
 def _openapi() -> dict:
@@ -84,50 +84,6 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "server_error").body(), status_code=500)
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
-
-
-async def _body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over `limit` bytes: by its Content-Length before
-    reading, or while reading a chunked one."""
-    too_large = APIError(413, f"the request body is over this server's limit of {limit} bytes",
-                         "invalid_request_error", code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise too_large
-        parts.append(part)
-    return b"".join(parts)
-
-
-async def _parse(request: Request, model, limit: int):
-    raw = await _body(request, limit)
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the body is not valid JSON: {one_line(str(exc))}", "invalid_request_error") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the body must be a JSON object", "invalid_request_error")
-    bad = unencodable(data)
-    if bad is not None:
-        raise APIError(400, f"{bad}: not valid Unicode (a lone surrogate?)", "invalid_request_error",
-                       bad.split(".")[0].split("[")[0])
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        deepest = max(exc.errors(), key=lambda e: len(e["loc"]))  # of a union's alternatives, the nearest miss
-        where = ".".join(str(p) for p in deepest["loc"]) or "body"
-        param = str(deepest["loc"][0]) if deepest["loc"] else None
-        raise APIError(400, f"{where}: {one_line(deepest['msg'])}", "invalid_request_error", param) from None
-
-
 def _key_table(config: AppConfig) -> dict[str, tuple[str, str]]:
     """Digest -> (kind, owner) of every configured key, each read where the config says it is; a key that two
     owners share is refused."""
@@ -141,51 +97,6 @@ def _key_table(config: AppConfig) -> dict[str, tuple[str, str]]:
             raise ValueError(f"{' '.join(owner)} and {' '.join(table[key_digest])} have the same key")
         table[key_digest] = owner
     return table
-
-
-def _engine_failure(chunk: TokenChunk) -> APIError:
-    """A request that failed on its replica (or was cut at shutdown): one line for the client, the whole error in
-    the log."""
-    if chunk.error == CUT_AT_SHUTDOWN:
-        return APIError(503, CUT_AT_SHUTDOWN, "server_error", code="shutting_down")
-    log.warning("request %s failed: %s", chunk.request_id, chunk.error)
-    return APIError(503, f"the engine failed: {one_line(chunk.error or '')}", "server_error", code="engine_error")
-
-
-def _refusal(refused: Refused) -> APIError:
-    r = refused.refusal
-    kind = "rate_limit_error" if r.status == 429 else "server_error"
-    return APIError(r.status, r.message, kind, code=r.code, headers={"Retry-After": str(max(1, round(r.retry_after_s)))})
-
-
-class Tokenizer:
-    """Counts prompt tokens at the door, so a prompt that cannot fit is refused before it queues."""
-
-    def __init__(self, path: str | None) -> None:
-        self.hf = None
-        if path is not None:
-            from transformers import AutoTokenizer
-
-            self.hf = AutoTokenizer.from_pretrained(resolve(path))
-
-    @property
-    def vocab_size(self) -> int | None:
-        return len(self.hf) if self.hf is not None else None
-
-    def encode(self, text: str) -> list[int]:
-        if self.hf is None:
-            return [1] * len(text.split())
-        return self.hf.encode(text, add_special_tokens=False)
-
-    def chat(self, messages) -> list[int]:
-        if self.hf is not None and getattr(self.hf, "chat_template", None):
-            return self.hf.apply_chat_template([m.template_message() for m in messages], add_generation_prompt=True)
-        return self.encode("".join(f"{m.role}: {m.text}\n" for m in messages) + "assistant:")
-
-    async def run(self, encode, payload, size: int) -> list[int]:
-        if size > TOKENIZE_IN_THREAD_CHARS:
-            return await asyncio.to_thread(encode, payload)
-        return encode(payload)
 
 
 @serve.deployment(max_ongoing_requests=4096)
@@ -210,7 +121,8 @@ class EquinoxIngress:
         self.channels = PoolChannels(pools, self.name, deliver=lambda chunk: self.link.deliver(chunk),
                                      lost=lambda replica, why: self.link.replica_lost(replica, why))
         self.link = ControllerLink(controller, self.name, config.ingress.batch_interval_ms / 1000.0,
-                                   config.ingress.progress_interval_ms / 1000.0, on_grant=self.channels.ensure)
+                                   config.ingress.progress_interval_ms / 1000.0, on_grant=self.channels.ensure,
+                                   on_users=self._set_users)
 
     # -- routes ----------------------------------------------------------------------------------------------
     @api.get("/health")
@@ -244,7 +156,7 @@ class EquinoxIngress:
 
     @api.get("/v1/fairness")
     async def fairness(self, request: Request) -> dict:
-        key = _bearer(request)
+        key = bearer(request)
         if key is not None and digest(key) in self.admins:
             return await self.controller.snapshot.remote()
         return await self.controller.snapshot.remote(self._user_for_key(key, None))
@@ -253,16 +165,57 @@ class EquinoxIngress:
     async def set_policy(self, request: Request) -> dict:
         """Admin only: switch policy or tune its weights while the server is idle (409 otherwise)."""
         self._require(request, self.admins, "an admin key is required")
-        body = await _parse(request, PolicyConfig, self.config.limits.max_body_bytes)
+        body = await parse(request, PolicyConfig, self.config.limits.max_body_bytes)
         try:
             return {"policy": await self.controller.set_policy.remote(body)}
         except Busy as exc:
             raise APIError(409, str(exc), "invalid_request_error", code="busy") from None
 
+    @api.get("/v1/admin/users")
+    async def list_users(self, request: Request) -> dict:
+        """Admin only: every user's weight and how many keys it has (never the keys)."""
+        self._require(request, self.admins, "an admin key is required")
+        return {"users": await self.controller.list_users.remote()}
+
+    @api.post("/v1/admin/users")
+    async def add_user(self, request: Request) -> dict:
+        """Admin only: a new user, with a new key that this answer shows once."""
+        self._require(request, self.admins, "an admin key is required")
+        body = await parse(request, NewUser, self.config.limits.max_body_bytes)
+        key = new_key()
+        async with user_errors():
+            await self.controller.add_user.remote(body.name, body.weight, digest(key))
+        return {"name": body.name, "weight": body.weight, "key": key}
+
+    @api.patch("/v1/admin/users/{name}")
+    async def set_weight(self, name: str, request: Request) -> dict:
+        self._require(request, self.admins, "an admin key is required")
+        body = await parse(request, WeightChange, self.config.limits.max_body_bytes)
+        async with user_errors():
+            await self.controller.set_weight.remote(name, body.weight)
+        return {"name": name, "weight": body.weight}
+
+    @api.post("/v1/admin/users/{name}/keys")
+    async def rotate_key(self, name: str, request: Request) -> dict:
+        """Admin only: a new key for the user, shown once; its old keys stop working unless keep_old."""
+        self._require(request, self.admins, "an admin key is required")
+        body = await parse(request, KeyRotation, self.config.limits.max_body_bytes)
+        key = new_key()
+        async with user_errors():
+            await self.controller.rotate_key.remote(name, digest(key), body.keep_old)
+        return {"name": name, "key": key}
+
+    @api.delete("/v1/admin/users/{name}")
+    async def remove_user(self, name: str, request: Request) -> dict:
+        self._require(request, self.admins, "an admin key is required")
+        async with user_errors():
+            await self.controller.remove_user.remote(name)
+        return {"name": name, "removed": True}
+
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        body = await _parse(request, CompletionRequest, self.config.limits.max_body_bytes)
-        user = self._user_for_key(_bearer(request), body.user)
+        body = await parse(request, CompletionRequest, self.config.limits.max_body_bytes)
+        user = self._user_for_key(bearer(request), body.user)
         if isinstance(body.prompt, list):
             ids = body.prompt
         else:
@@ -271,16 +224,20 @@ class EquinoxIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        body = await _parse(request, ChatRequest, self.config.limits.max_body_bytes)
-        user = self._user_for_key(_bearer(request), body.user)
+        body = await parse(request, ChatRequest, self.config.limits.max_body_bytes)
+        user = self._user_for_key(bearer(request), body.user)
         size = sum(len(m.text) for m in body.messages)
         ids = await self.tokenizer.run(self.tokenizer.chat, body.messages, size)
         return await self._serve(body, user, ids, body.requested_max_tokens, chat=True)
 
+    def _set_users(self, table: UserTable) -> None:
+        """The controller's users and key digests, sent when this replica connects and after every change."""
+        self.users, self.weights = dict(table.users), dict(table.weights)
+
     # -- the request path --------------------------------------------------------------------------------------
     @staticmethod
     def _require(request: Request, digests: set[str], message: str) -> None:
-        key = _bearer(request)
+        key = bearer(request)
         if key is None or digest(key) not in digests:
             raise APIError(403 if key else 401, message, "invalid_request_error", code="forbidden")
 
@@ -314,13 +271,12 @@ class EquinoxIngress:
             with span.admission(user, weight):
                 self._admit(body, ids, max_tokens)
             generation = GenerationRequest(rid, max_tokens, prompt_token_ids=list(ids), ignore_eos=body.ignore_eos,
-                                           temperature=body.temperature, seed=body.seed,
-                                           trace_context=span.queued())
+                                           sampling=body.sampling(), trace_context=span.queued())
             inflight = self.link.submit(Submission(user, generation))
             try:
                 grant = await inflight.granted
             except Refused as exc:
-                raise _refusal(exc) from None
+                raise refusal(exc) from None
             span.granted(grant, self.gpu_types.get(grant.pool, ""))
             first = await self._next(inflight)
         except BaseException as exc:
@@ -330,7 +286,7 @@ class EquinoxIngress:
             raise
         if first.finish_reason == "error":
             span.finished(first)
-            raise _engine_failure(first)
+            raise engine_failure(first)
         chunks = self._chunks(inflight, first, span)
         if body.stream:
             return StreamingResponse(self._sse(chunks, rid, chat, body.include_usage), media_type="text/event-stream")
@@ -348,9 +304,10 @@ class EquinoxIngress:
         if not ids:
             raise APIError(400, "the prompt is empty", "invalid_request_error", "prompt")
         vocab = self.tokenizer.vocab_size
-        if vocab is not None and max(ids) >= vocab:
-            raise APIError(400, f"token id {max(ids)} is outside the vocabulary (0 to {vocab - 1})",
-                           "invalid_request_error", "prompt")
+        for param, token_ids in (("prompt", ids), ("stop_token_ids", body.stop_token_ids or [0])):
+            if vocab is not None and max(token_ids) >= vocab:
+                raise APIError(400, f"token id {max(token_ids)} is outside the vocabulary (0 to {vocab - 1})",
+                               "invalid_request_error", param)
         if body.seed is not None and body.temperature > 0 and self.seeded_sampling_crashes:
             raise APIError(400, "seed with temperature > 0 is not supported on this server's CPU engine (vLLM-CPU "
                                 "fails on seeded sampling of a chunked prompt); send temperature 0 or no seed",
@@ -388,7 +345,7 @@ class EquinoxIngress:
             n += len(chunk.token_ids)
             last = chunk
         if last.finish_reason == "error":
-            raise _engine_failure(last)
+            raise engine_failure(last)
         prompt = last.usage.prompt_tokens if last.usage is not None else 0
         return completion_body(rid, self.model, "".join(text), last.finish_reason, usage(prompt, n), chat)
 
@@ -396,7 +353,7 @@ class EquinoxIngress:
         n, prompt, first = 0, 0, True
         async for chunk in chunks:
             if chunk.finish_reason == "error":
-                yield sse(_engine_failure(chunk).body())
+                yield sse(engine_failure(chunk).body())
                 break
             n += len(chunk.token_ids)
             if chunk.usage is not None:

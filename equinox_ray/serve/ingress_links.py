@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from equinox_ray.engines.types import TokenChunk
 from equinox_ray.serve.protocol import Closing, Finished, Grant, IngressBatch, Refusal, Submission
+from equinox_ray.serve.users import UserTable
 
 log = logging.getLogger("ray.serve")
 RECONNECT_S = 0.5
@@ -50,12 +51,14 @@ class ControllerLink:
     grants on a long-lived stream."""
 
     def __init__(self, controller: DeploymentHandle, ingress: str, batch_interval_s: float,
-                 progress_interval_s: float, on_grant: Callable[[Grant], None]) -> None:
+                 progress_interval_s: float, on_grant: Callable[[Grant], None],
+                 on_users: Callable[[UserTable], None] = lambda table: None) -> None:
         self.controller = controller
         self.ingress = ingress
         self.batch_interval_s = batch_interval_s
         self.progress_interval_s = progress_interval_s
         self.on_grant = on_grant
+        self.on_users = on_users
         self.inflight: dict[str, Inflight] = {}
         self.closing: Closing | None = None
         self._batch = IngressBatch(ingress)
@@ -196,9 +199,12 @@ class ControllerLink:
             log.warning("resubmitting %d waiting requests to the fairness controller", len(waiting))
             self._send(lambda b: b.submissions.extend(waiting))
 
-    def _on_decision(self, message: Grant | Refusal | Closing) -> None:
+    def _on_decision(self, message: Grant | Refusal | Closing | UserTable) -> None:
         if isinstance(message, Closing):
             self._close(message)
+            return
+        if isinstance(message, UserTable):
+            self.on_users(message)
             return
         if isinstance(message, Grant):
             self.on_grant(message)  # open the replica's channel, even for a withdrawn request: its end comes there

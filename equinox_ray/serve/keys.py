@@ -17,6 +17,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+def new_key() -> str:
+    return f"sk-{secrets.token_urlsafe(32)}"
+
+
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -59,7 +63,7 @@ def main() -> None:
     hashing = sub.add_parser("hash", help="print the digest of a key")
     hashing.add_argument("key")
     args = parser.parse_args()
-    key = f"sk-{secrets.token_urlsafe(32)}" if args.command == "new" else args.key
+    key = new_key() if args.command == "new" else args.key
     if args.command == "new":
         print(f"key:    {key}")
     print(f"sha256: {digest(key)}")

@@ -6,28 +6,82 @@ import json
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from equinox_ray.engines.types import Sampling
 
 TokenId = Annotated[int, Field(ge=0)]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+    continuous_usage_stats: Literal[False] = Field(False, description="vLLM's; usage comes in the last chunk only")
+
+
+# Parameters of OpenAI's API this server does not implement, with the values that ask for nothing: a client may send
+# those (many send their defaults); any other value is refused with a 400 that names the parameter.
+UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False),
+               "top_logprobs": (None, 0), "logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, []),
+               "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+               "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
+               "store": (None, False)}
+
+
 class _Body(BaseModel):
-    # clients send fields we do not use (top_p, n=1, ...); strict: a string is not a number nor a boolean
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # strict: a string is not a number nor a boolean; forbid: a parameter we do not know is refused, not ignored
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, description="vLLM's: sample among the k most likely tokens; 0 or -1: all")
+    min_p: float = Field(0.0, ge=0, le=1, description="vLLM's")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=2, description="vLLM's")
     seed: int | None = None
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    stop_token_ids: list[TokenId] | None = Field(None, description="vLLM's: token ids that end the generation")
     user: str | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
     ignore_eos: bool = False  # vLLM's extension: produce exactly max_tokens (benchmarks, trace replay)
+    # sent with a value that asks for nothing (UNSUPPORTED): accepted; any other value is refused in `_neutral`
+    n: int | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict | None = None
+    suffix: str | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict | None = None
+    store: bool | None = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _neutral(cls, value, info):
+        allowed = UNSUPPORTED[info.field_name]
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            takes = " or ".join(json.dumps(a) for a in allowed)
+            raise ValueError(f"{json.dumps(value)} is not supported by this server (it takes {takes})")
+        return value
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self) -> Sampling:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return Sampling(self.temperature, self.top_p, max(self.top_k, 0), self.min_p, self.presence_penalty,
+                        self.frequency_penalty, self.repetition_penalty, self.seed, stop,
+                        tuple(self.stop_token_ids or ()))
 
 
 class CompletionRequest(_Body):

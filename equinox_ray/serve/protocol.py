@@ -3,7 +3,7 @@
 Every message travels as itself (pickled by Serve), never flattened into a dict or into positional arguments:
 
     ingress  --IngressBatch (unary, batched)-->  controller
-    ingress  <--list[Grant | Refusal | Closing] (stream)--  controller
+    ingress  <--list[Grant | Refusal | Closing | UserTable] (stream)--  controller
     pool     <--list[Dispatch | Abort | Drain] (stream)--  controller
     pool     --ReplicaReport (unary, periodic)-->  controller
     ingress  <--list[TokenChunk] (stream, coalesced)--  pool replica
