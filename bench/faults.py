@@ -98,6 +98,16 @@ class Clients:
         return min(done) - t if done else None
 
 
+async def first_answer(clients: Clients, admin_key: str) -> tuple[float, dict]:
+    """Seconds from now until the fairness view answers again, and the counters it then shows."""
+    start = clients.now()
+    while True:
+        try:
+            return round(clients.now() - start, 1), await asyncio.to_thread(counters, admin_key)
+        except (httpx.HTTPError, KeyError, ValueError):
+            await asyncio.sleep(0.2)
+
+
 async def inject(clients: Clients, name: str, title: str, admin_key: str) -> dict:
     await asyncio.sleep(10.0)  # load at steady state
     before = await asyncio.to_thread(counters, admin_key) if "controller" in name else None
@@ -107,6 +117,9 @@ async def inject(clients: Clients, name: str, title: str, admin_key: str) -> dic
     killed_at = clients.now()
     os.kill(victim.pid, signal.SIGKILL)
     print(f"{name}: killed pid {victim.pid} at {killed_at:.1f} s", flush=True)
+    restored = None
+    if before is not None:  # the counters as the restarted controller first shows them
+        restored = await first_answer(clients, admin_key)
     recovery = None
     while recovery is None and clients.now() - killed_at < RECOVERY_BOUND_S:
         await asyncio.sleep(0.5)
@@ -117,7 +130,7 @@ async def inject(clients: Clients, name: str, title: str, admin_key: str) -> dic
     row = {"fault": name, "killed_at_s": round(killed_at, 1), "recovery_s": None if recovery is None else round(
         recovery, 1), "outcomes": dict(Counter(outcome(s.result) for s in affected).most_common())}
     if before is not None:
-        row["counters_before"], row["counters_after"] = before, await asyncio.to_thread(counters, admin_key)
+        row["counters_before"], (row["counters_shown_after_s"], row["counters_after"]) = before, restored
     print(json.dumps(row), flush=True)
     return row
 
@@ -142,7 +155,8 @@ def report(rows: list[dict], clients: int) -> str:
         lines.append(f"| {row['fault']} | {recovery} | {got} |")
     for row in rows:
         if "counters_before" in row:
-            lines += ["", "Counters of the fairness controller before the kill and after its restart:", "",
+            lines += ["", f"Counters of the fairness controller before the kill, and as the restarted controller "
+                          f"first showed them, {row['counters_shown_after_s']} s after the kill:", "",
                       "| user | before | after | finished before | finished after |", "|---|---|---|---:|---:|"]
             for user, before in row["counters_before"].items():
                 after = row["counters_after"].get(user, {})

@@ -134,10 +134,11 @@ def test_grants_spread_over_a_pool_s_replicas_by_free_slots():
     assert sorted(by_replica) == ["h0", "h0", "h1", "h1"]
 
 
-def report(ctl, pool: str, replica: str, tokens_per_s: float, tpot_s: float) -> None:
+def report(ctl, pool: str, replica: str, tokens_per_s: float = 1000.0, tpot_s: float = 0.02,
+           healthy: bool = True) -> None:
     stats = EngineStats(running=0, waiting=0, kv_cache_usage=0.5, tokens_per_s=tokens_per_s,
                         output_tokens_per_s=tokens_per_s / 2, busy_fraction=1.0, utilization=1.0,
-                        utilization_source="simulated")
+                        utilization_source="simulated", healthy=healthy)
     ctl.report(ReplicaReport(replica, pool, stats, 2, 0, 0, 2, tpot_s, 0))
 
 
@@ -198,6 +199,16 @@ def test_a_gone_replica_takes_no_more_grants():
     for i in range(3):
         submit(ctl, f"r{i}", "a")
     assert [m.replica for m in grants(ctl).values()] == ["l1", "l1"]
+
+
+def test_a_replica_whose_engine_reports_unhealthy_gets_no_grants_and_the_app_is_not_ready_without_it():
+    ctl = controller(replicas=(("h100", "h0"),))
+    report(ctl, "h100", "h0", healthy=False)
+    submit(ctl, "r0", "a")
+    assert not grants(ctl) and not ctl.ready()
+    ctl.replica_connected(ReplicaHello("h100", "h1", 2))
+    ctl.set_routable("h100", {"h0", "h1"})
+    assert [g.replica for g in grants(ctl).values()] == ["h1"] and ctl.ready()
 
 
 def test_a_gone_ingress_is_withdrawn_everywhere():

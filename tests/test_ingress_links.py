@@ -85,3 +85,24 @@ def test_at_the_drain_deadline_a_waiting_request_gets_503_and_a_running_one_an_e
             task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_request_its_replicas_dead_engine_could_not_start_is_queued_once_more_and_the_replica_reported():
+    async def scenario():
+        controller = RecordingController()
+        link = ControllerLink(controller, "ingress-a", batch_interval_s=0.0, progress_interval_s=0.01,
+                              on_grant=lambda grant: None)
+        inflight = link.submit(Submission("alice", GenerationRequest("r1", 4, prompt_token_ids=[1])))
+        link._on_decision(Grant("r1", "pool", "replica-1", 0.0, 0.0, {}, {}, None))
+        link.deliver(TokenChunk("r1", [], finish_reason="unavailable", error="EngineError: vLLM engine is dead"))
+        assert inflight.chunks.empty() and "r1-retry" in link.inflight  # the client hears nothing of it
+        link._on_decision(Grant("r1-retry", "pool", "replica-2", 0.0, 0.0, {}, {}, None))
+        link.deliver(TokenChunk("r1-retry", [], finish_reason="unavailable", error="dead too"))
+        assert (await asyncio.wait_for(inflight.chunks.get(), 1)).finish_reason == "error"  # once only
+        await asyncio.sleep(0.1)
+        assert [r for b in controller.batches for r in b.lost] == ["replica-1"]
+        assert [s.request_id for b in controller.batches for s in b.submissions] == ["r1", "r1-retry"]
+        for task in link._tasks:
+            task.cancel()
+
+    asyncio.run(scenario())

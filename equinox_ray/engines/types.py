@@ -61,7 +61,8 @@ class TokenChunk:
     request_id: str
     token_ids: list[int]
     text: str = ""
-    finish_reason: str | None = None  # "length", "stop", "abort", "error" on the last chunk
+    finish_reason: str | None = None  # "length", "stop", "abort", "error" on the last chunk; "unavailable": the
+    # replica could not start it (its engine is dead), so it may be tried on another
     usage: Usage | None = None  # on the last chunk
     error: str | None = None  # what failed, with finish_reason "error"
 

@@ -203,8 +203,8 @@ class FairnessController:
         self._dispatch()
 
     def ready(self) -> bool:
-        """A pool can serve: one of its replicas is connected and Serve routes to it."""
-        return any(state.routable and state.lost_at is None
+        """A pool can serve: one of its replicas is connected, healthy, and Serve routes to it."""
+        return any(state.routable and state.lost_at is None and state.healthy
                    for pool in self.pools.values() for state in pool.replicas.values())
 
     def replica_unreachable(self, replica: str) -> None:
@@ -226,7 +226,7 @@ class FairnessController:
         state = pool.replicas.get(report.replica)
         if state is not None:
             state.window, state.report, state.seen = report.window, report, self.now()
-            if state.lost_at is not None and self.now() - state.lost_at > LOST_GRACE_S:
+            if state.lost_at is not None and report.stats.healthy and self.now() - state.lost_at > LOST_GRACE_S:
                 state.lost_at = None  # alive after all: the channel broke, not the replica
         self._dispatch()
         return ReportAnswer(self.backlog().get(report.pool, 0), pool.running)

@@ -37,8 +37,12 @@ class ReplicaState:
     lost_at: float | None = None  # when an ingress lost its channel to it; a report after the controller's LOST_GRACE_S clears it
 
     @property
+    def healthy(self) -> bool:
+        return self.report is None or self.report.stats.healthy
+
+    @property
     def free_slots(self) -> int:
-        return max(0, self.window - self.running) if self.routable and self.lost_at is None else 0
+        return max(0, self.window - self.running) if self.routable and self.lost_at is None and self.healthy else 0
 
 
 @dataclass

@@ -82,6 +82,13 @@ class ControllerLink:
     # -- from the pool channels -------------------------------------------------------------------------------
     def deliver(self, chunk: TokenChunk) -> None:
         inflight = self.inflight.get(chunk.request_id)
+        if chunk.finish_reason == "unavailable":  # its replica's engine is dead: like a replica lost, for one
+            if inflight is not None and inflight.grant is not None and inflight.served == 0 and not inflight.retried:
+                replica = inflight.grant.replica
+                self._send(lambda b: b.lost.append(replica))
+                self._retry(inflight, chunk.error or "the engine is unavailable")
+                return
+            chunk = replace(chunk, finish_reason="error")
         if inflight is None:  # withdrawn: its last chunk still says what it was served
             if chunk.last:
                 self._finish(chunk, 0)

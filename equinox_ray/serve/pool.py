@@ -144,7 +144,9 @@ class PoolReplica:
             channel.push(TokenChunk(generation.id, [], finish_reason="abort"), urgent=True)
         except Exception as exc:
             log.warning("request %s failed in the engine", generation.id, exc_info=True)
-            channel.push(TokenChunk(generation.id, [], finish_reason="error", error=_one_line(exc)), urgent=True)
+            # a dead engine fails every request at once: one that had no token yet may run on another replica
+            reason = "unavailable" if first and not self.replica.healthy() else "error"
+            channel.push(TokenChunk(generation.id, [], finish_reason=reason, error=_one_line(exc)), urgent=True)
         finally:
             self.running.pop(generation.id, None)
             self._close_idle_channels()
