@@ -33,14 +33,26 @@ class RecordingController:
         await asyncio.Event().wait()
 
 
+def with_link(scenario) -> None:
+    """Runs `scenario(link, controller)` on a fresh link to a recording controller."""
+    async def main():
+        controller = RecordingController()
+        link = ControllerLink(controller, "ingress-a", batch_interval_s=0.0, progress_interval_s=0.01,
+                              on_grant=lambda grant: None)
+        try:
+            await scenario(link, controller)
+        finally:
+            for task in link._tasks:
+                task.cancel()
+
+    asyncio.run(main())
+
+
 def test_a_last_chunk_that_beats_its_grant_still_resolves_the_handler():
     """A short request on a fast engine: the pool's channel delivers the whole answer before the controller's grant
     stream delivers the grant. The handler, waiting on the grant, must still get it and then the chunks."""
 
-    async def scenario():
-        controller = RecordingController()
-        link = ControllerLink(controller, "ingress-a", batch_interval_s=0.0, progress_interval_s=0.01,
-                              on_grant=lambda grant: None)
+    async def scenario(link: ControllerLink, controller: RecordingController):
         generation = GenerationRequest("r1", 4, prompt_token_ids=[1, 2, 3])
         inflight = link.submit(Submission("alice", generation))
         link.deliver(TokenChunk("r1", [5, 6, 7, 8], finish_reason="length", usage=Usage(3, 4, 0.01, 0.02, 0.02)))
@@ -55,17 +67,12 @@ def test_a_last_chunk_that_beats_its_grant_still_resolves_the_handler():
         sent = [s.request_id for b in controller.batches for s in b.submissions]
         finished = [f.request_id for b in controller.batches for f in b.finished]
         assert sent == ["r1"] and finished == ["r1"]
-        for task in link._tasks:
-            task.cancel()
 
-    asyncio.run(scenario())
+    with_link(scenario)
 
 
 def test_at_the_drain_deadline_a_waiting_request_gets_503_and_a_running_one_an_error_and_both_are_withdrawn():
-    async def scenario():
-        controller = RecordingController()
-        link = ControllerLink(controller, "ingress-a", batch_interval_s=0.0, progress_interval_s=0.01,
-                              on_grant=lambda grant: None)
+    async def scenario(link: ControllerLink, controller: RecordingController):
         waiting = link.submit(Submission("alice", GenerationRequest("w", 4, prompt_token_ids=[1])))
         running = link.submit(Submission("bob", GenerationRequest("r", 4, prompt_token_ids=[1])))
         link._on_decision(Grant("r", "pool", "replica-1", 0.0, 0.0, {}, {}, None))
@@ -81,17 +88,12 @@ def test_at_the_drain_deadline_a_waiting_request_gets_503_and_a_running_one_an_e
         await asyncio.sleep(0.1)
         assert sorted(w for b in controller.batches for w in b.withdrawn) == ["r", "w"]
         assert not link.inflight
-        for task in link._tasks:
-            task.cancel()
 
-    asyncio.run(scenario())
+    with_link(scenario)
 
 
 def test_a_request_its_replicas_dead_engine_could_not_start_is_queued_once_more_and_the_replica_reported():
-    async def scenario():
-        controller = RecordingController()
-        link = ControllerLink(controller, "ingress-a", batch_interval_s=0.0, progress_interval_s=0.01,
-                              on_grant=lambda grant: None)
+    async def scenario(link: ControllerLink, controller: RecordingController):
         inflight = link.submit(Submission("alice", GenerationRequest("r1", 4, prompt_token_ids=[1])))
         link._on_decision(Grant("r1", "pool", "replica-1", 0.0, 0.0, {}, {}, None))
         link.deliver(TokenChunk("r1", [], finish_reason="unavailable", error="EngineError: vLLM engine is dead"))
@@ -102,7 +104,5 @@ def test_a_request_its_replicas_dead_engine_could_not_start_is_queued_once_more_
         await asyncio.sleep(0.1)
         assert [r for b in controller.batches for r in b.lost] == ["replica-1"]
         assert [s.request_id for b in controller.batches for s in b.submissions] == ["r1", "r1-retry"]
-        for task in link._tasks:
-            task.cancel()
 
-    asyncio.run(scenario())
+    with_link(scenario)
