@@ -13,7 +13,7 @@ from equinox_ray.serve.controller import FairnessController
 from equinox_ray.serve.errors import Busy
 from equinox_ray.serve.fairness_view import snapshot
 from equinox_ray.serve.protocol import (
-    Abort, Closing, Dispatch, Drain, Finished, Grant, IngressBatch, Refusal, ReplicaHello, Submission,
+    Abort, Closing, Dispatch, Drain, Finished, FullQueues, Grant, IngressBatch, Refusal, ReplicaHello, Submission,
 )
 
 
@@ -95,6 +95,19 @@ def test_a_full_user_queue_is_refused_and_other_users_are_not():
     submit(ctl, "b0", "b")
     assert ctl.policy.queue_length("b") == 1 and not grants(ctl)
     assert snapshot(ctl)["users"]["a"]["rejected"] == 1
+
+
+def test_the_ingresses_hear_which_users_queues_are_full_and_count_what_they_refused_at_the_door():
+    ctl = controller(replicas=(("h100", "h0"),))
+    ctl.ingress_connected("i0")
+    assert [m.users for m in ctl.to_ingress.take("i0") if isinstance(m, FullQueues)] == [frozenset()]
+    for i in range(5):
+        submit(ctl, f"r{i}", "a")  # two granted, three wait: the bound
+    assert [m.users for m in ctl.to_ingress.take("i0") if isinstance(m, FullQueues)] == [frozenset({"a"})]
+    finish(ctl, "r0")  # r2 is granted: two wait
+    assert [m.users for m in ctl.to_ingress.take("i0") if isinstance(m, FullQueues)] == [frozenset()]
+    ctl.apply(IngressBatch("i0", refused={"a": 4}))
+    assert snapshot(ctl)["users"]["a"]["rejected"] == 4
 
 
 def test_withdrawn_while_waiting_leaves_the_queue():

@@ -10,7 +10,6 @@ policy grants and a replica has a free slot, hand out grants. A grant puts a `Gr
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import defaultdict
@@ -22,12 +21,14 @@ from equinox_ray.fairness import Outcome, PoolView, Request, User
 from equinox_ray.fairness.live import PredictionError, SlidingService
 from equinox_ray.fairness.pools import fitting_pools
 from equinox_ray.serve.checkpoint import Checkpoint, UsageTotals
+from equinox_ray.serve.completion_records import CompletionRecords
 from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.controller_state import Mailboxes, PoolState, ReplicaState, Tracked, UserStats
 from equinox_ray.serve.errors import Busy
 from equinox_ray.serve.policies import make_policy
 from equinox_ray.serve.protocol import (
-    Abort, Closing, Dispatch, Drain, Finished, Grant, IngressBatch, Refusal, ReplicaHello, ReportAnswer, Submission,
+    Abort, Closing, Dispatch, Drain, Finished, FullQueues, Grant, IngressBatch, Refusal, ReplicaHello, ReportAnswer,
+    Submission,
 )
 from equinox_ray.serve.users import UserRegistry
 from equinox_ray.telemetry.spans import accounting_span, tracer_of
@@ -53,13 +54,15 @@ class FairnessController:
         self.applied_seq: dict[str, int] = {}  # ingress -> the last batch applied
         self.to_ingress = Mailboxes()
         self.ingresses: set[str] = set()  # those with an open grant stream
+        self.full_queues: frozenset[str] = frozenset()  # users at their queue bound, as the ingresses were told
+        self._maybe_full: set[str] = set()
         self.closing: Closing | None = None
         self.to_replica = Mailboxes()
         self.service_window = SlidingService(JAIN_WINDOW_S)
         self.prediction_error = PredictionError()
         self.ttft_observers: list[Callable[[str, float], None]] = []  # the TTFT histogram (telemetry)
         self.tracer = tracer if tracer is not None else tracer_of(make_provider(config.telemetry, "controller"))
-        self._records = open(config.records_path, "a") if config.records_path else None
+        self.records = CompletionRecords(config.records_path) if config.records_path else None
         self._backlog: tuple[float, dict[str, int]] | None = None  # (when, counts): see backlog()
         self.version = 0  # grows with every change a checkpoint would hold: a batch applied, a grant made
 
@@ -83,6 +86,8 @@ class FairnessController:
             self.finish(finished)
         for request_id in batch.withdrawn:
             self.withdraw(request_id)
+        for user, refused in batch.refused.items():
+            self.stats[user].rejected += refused
         self._dispatch()
 
     def _submit(self, ingress: str, submission: Submission) -> Request | None:
@@ -104,6 +109,8 @@ class FairnessController:
         request = Request(generation.id, user, self.now(), prompt_tokens, generation.max_tokens)
         self.tracked[request.id] = Tracked(request, Dispatch(generation, ingress))
         self.policy.submit(request, self.now())
+        if self.policy.queue_length(user) >= limit:
+            self._maybe_full.add(user)
         if submission.retry_of is not None:
             self.stats[user].retried += 1
         else:
@@ -146,7 +153,8 @@ class FairnessController:
         s.e2e_s.append(queue_wait + e2e)
         for observe in self.ttft_observers:
             observe(request.user, queue_wait + ttft)
-        self._record(tracked, output, ttft, e2e)
+        if self.records is not None and tracked.pool_at_grant is not None:
+            self.records.write(tracked, self.pools[request.pool], output, ttft, e2e, self.now())
 
     def withdraw(self, request_id: str) -> None:
         """The client went away: a waiting request leaves its queue; a running one is aborted on its replica, and
@@ -165,6 +173,7 @@ class FairnessController:
         self.ingresses.add(ingress)
         if self.config.auth:
             self.to_ingress.put(ingress, self.registry.table())
+        self.to_ingress.put(ingress, self._full_message())
         if self.closing is not None:
             self.to_ingress.put(ingress, self.closing)
 
@@ -324,14 +333,13 @@ class FairnessController:
         while True:
             decision = self.policy.schedule(list(views.values()), self.now())
             if decision is None:
+                self._tell_full_queues()
                 return
             request = decision.request
             tracked, pool = self.tracked[request.id], self.pools[decision.pool]
             replica_name = pool.pick_replica()
-            if self._records is not None:
-                view = pool.view()
-                tracked.pool_at_grant = {"running": view.running, "waiting": view.waiting,
-                                         "kv_usage": view.kv_usage, "window": pool.capacity()}
+            if self.records is not None:
+                tracked.pool_at_grant = CompletionRecords.at_grant(pool)
             pool.replicas[replica_name].running += 1
             pool.granted += 1
             self.version += 1  # a grant charged its user
@@ -343,6 +351,20 @@ class FairnessController:
                                                decision.counters_before, decision.counters_after,
                                                decision.prediction))
             views[decision.pool] = pool.view()
+
+    def _tell_full_queues(self) -> None:
+        limit = self.config.limits.max_queue_per_user
+        full = frozenset(u for u in self.full_queues | self._maybe_full if self.policy.queue_length(u) >= limit)
+        self._maybe_full.clear()
+        if full != self.full_queues:
+            self.full_queues = full
+            for ingress in self.ingresses:
+                self.to_ingress.put(ingress, self._full_message())
+
+    def _full_message(self) -> FullQueues:
+        limit = self.config.limits.max_queue_per_user
+        return FullQueues(self.full_queues, f"{limit} requests of this user are waiting",
+                          self.config.limits.retry_after_s)
 
     # -- views ------------------------------------------------------------------------------------------------
     def backlog(self) -> dict[str, int]:
@@ -385,17 +407,3 @@ class FairnessController:
         return {"name": None if predictor is None else type(predictor).__name__,
                 "fallbacks": getattr(predictor, "fallbacks", 0), "error": dict(self.prediction_error.error),
                 "observed": self.prediction_error.count}
-
-    def _record(self, tracked: Tracked, output_tokens: int, ttft_s: float, e2e_s: float) -> None:
-        """One completion record (predictors/records.py's schema) per finished request, when configured."""
-        if self._records is None or tracked.pool_at_grant is None:
-            return
-        request = tracked.request
-        state = self.pools[request.pool]
-        view = state.view()
-        self._records.write(json.dumps({
-            "arrival_s": request.arrival, "user": request.user, "prompt_tokens": request.prompt_tokens,
-            "max_tokens": request.max_tokens, "gpu": state.config.gpu_type, **tracked.pool_at_grant,
-            "output_tokens": output_tokens, "ttft_s": ttft_s, "e2e_s": e2e_s,
-            "throughput_tps": view.throughput_tps, "utilization": view.utilization, "finish_s": self.now()}) + "\n")
-        self._records.flush()

@@ -214,8 +214,9 @@ class EquinoxIngress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        known = self._at_the_door(request)
         body = await parse(request, CompletionRequest, self.config.limits.max_body_bytes)
-        user = self._user_for_key(bearer(request), body.user)
+        user = known or self._user_for_key(bearer(request), body.user)
         if isinstance(body.prompt, list):
             ids = body.prompt
         else:
@@ -224,8 +225,9 @@ class EquinoxIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        known = self._at_the_door(request)
         body = await parse(request, ChatRequest, self.config.limits.max_body_bytes)
-        user = self._user_for_key(bearer(request), body.user)
+        user = known or self._user_for_key(bearer(request), body.user)
         size = sum(len(m.text) for m in body.messages)
         ids = await self.tokenizer.run(self.tokenizer.chat, body.messages, size)
         return await self._serve(body, user, ids, body.requested_max_tokens, chat=True)
@@ -240,6 +242,19 @@ class EquinoxIngress:
         key = bearer(request)
         if key is None or digest(key) not in digests:
             raise APIError(403 if key else 401, message, "invalid_request_error", code="forbidden")
+
+    def _at_the_door(self, request: Request) -> str | None:
+        """Before the body is read: the key's user (with auth on), answered 429 at once if its queue is full."""
+        self._refuse_if_closing()
+        if not self.config.auth:
+            return None  # the user is named in the body
+        user = self._user_for_key(bearer(request), None)
+        full = self.link.full_queues
+        if user in full.users:
+            self.link.refused_at_door(user)
+            raise APIError(429, full.message, "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(max(1, round(full.retry_after_s)))})
+        return user
 
     def _user_for_key(self, key: str | None, claimed: str | None) -> str:
         if not self.config.auth:

@@ -16,7 +16,7 @@ from typing import Callable
 from ray.serve.handle import DeploymentHandle
 
 from equinox_ray.engines.types import TokenChunk
-from equinox_ray.serve.protocol import Closing, Finished, Grant, IngressBatch, Refusal, Submission
+from equinox_ray.serve.protocol import Closing, Finished, FullQueues, Grant, IngressBatch, Refusal, Submission
 from equinox_ray.serve.users import UserTable
 
 log = logging.getLogger("ray.serve")
@@ -61,6 +61,7 @@ class ControllerLink:
         self.on_users = on_users
         self.inflight: dict[str, Inflight] = {}
         self.closing: Closing | None = None
+        self.full_queues = FullQueues(frozenset(), "", 1.0)
         self._batch = IngressBatch(ingress)
         self._seq = 0
         self._pending = asyncio.Event()
@@ -206,7 +207,14 @@ class ControllerLink:
             log.warning("resubmitting %d waiting requests to the fairness controller", len(waiting))
             self._send(lambda b: b.submissions.extend(waiting))
 
-    def _on_decision(self, message: Grant | Refusal | Closing | UserTable) -> None:
+    def refused_at_door(self, user: str) -> None:
+        """A request of a user in `full_queues`, answered 429 without the controller: counted there."""
+        self._send(lambda b: b.refused.__setitem__(user, b.refused.get(user, 0) + 1))
+
+    def _on_decision(self, message: Grant | Refusal | FullQueues | Closing | UserTable) -> None:
+        if isinstance(message, FullQueues):
+            self.full_queues = message
+            return
         if isinstance(message, Closing):
             self._close(message)
             return

@@ -3,7 +3,7 @@
 Every message travels as itself (pickled by Serve), never flattened into a dict or into positional arguments:
 
     ingress  --IngressBatch (unary, batched)-->  controller
-    ingress  <--list[Grant | Refusal | Closing | UserTable] (stream)--  controller
+    ingress  <--list[Grant | Refusal | FullQueues | Closing | UserTable] (stream)--  controller
     pool     <--list[Dispatch | Abort | Drain] (stream)--  controller
     pool     --ReplicaReport (unary, periodic)-->  controller
     ingress  <--list[TokenChunk] (stream, coalesced)--  pool replica
@@ -54,10 +54,11 @@ class IngressBatch:
     finished: list[Finished] = field(default_factory=list)
     withdrawn: list[str] = field(default_factory=list)  # clients that went away before their request finished
     lost: list[str] = field(default_factory=list)  # pool replicas whose token channel to this ingress closed
+    refused: dict[str, int] = field(default_factory=dict)  # user -> requests the ingress refused (FullQueues)
     seq: int = 0  # the ingress's count of its batches: a batch sent again is applied once
 
     def __bool__(self) -> bool:
-        return bool(self.submissions or self.progress or self.finished or self.withdrawn or self.lost)
+        return bool(self.submissions or self.progress or self.finished or self.withdrawn or self.lost or self.refused)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,17 @@ class Refusal:
     retry_after_s: float
     status: int = 429
     code: str = "queue_full"
+
+
+@dataclass(frozen=True)
+class FullQueues:
+    """The users whose queues are at their bound, sent to every ingress replica whenever the set changes: the
+    ingress answers such a user's next request 429 at the door, before reading its body (an overloaded server
+    refuses thousands a minute)."""
+
+    users: frozenset[str]
+    message: str
+    retry_after_s: float
 
 
 @dataclass(frozen=True)
