@@ -29,8 +29,13 @@ def _kind(process: psutil.Process, app: str | None) -> str | None:
         if "Controller" in deployment:
             return "controller"
         return "pool"
-    if process.parent() is not None and "ServeReplica:" in " ".join(process.parent().cmdline()):
-        return _kind(process.parent(), app)  # an engine subprocess (vLLM's engine core) counts with its replica
+    ancestor = process.parent()
+    for _ in range(3):  # an engine's processes (vLLM's engine core and its worker) count with their replica
+        if ancestor is None:
+            break
+        if "ServeReplica:" in " ".join(ancestor.cmdline()):
+            return _kind(ancestor, app)
+        ancestor = ancestor.parent()
     if line.startswith("ray::") or "ray/core/src" in line or "/ray/" in line or "raylet" in line or "gcs" in line:
         return "ray"
     return None
