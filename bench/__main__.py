@@ -6,6 +6,7 @@
     python -m bench path [--smoke]                         the serving path's cost against the engine alone
     python -m bench soak [--minutes 10] [--load 2.0]       three users at twice the capacity (bench/soak.py)
     python -m bench faults                                 kill -9 under load: pool replica, engine, controller
+    python -m bench peers                                  vllm bench serve and guidellm, ours against vLLM's server
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench.faults import main as faults_main
 
         sys.exit(faults_main(argv[1:]))
+    if argv[:1] == ["peers"]:
+        from bench.peers import main as peers_main
+
+        sys.exit(peers_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     suite = sub.add_parser("suite", help="simulated scenarios")
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     path.add_argument("--out", type=Path, default=RESULTS)
     sub.add_parser("soak", help="three users at twice the capacity: python -m bench soak --help")
     sub.add_parser("faults", help="kill -9 under load: python -m bench faults --help")
+    sub.add_parser("peers", help="peer load generators against us and vLLM: python -m bench peers --help")
     args = parser.parse_args(argv)
     if args.command == "suite":
         args.out.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,11 @@ def test_every_supported_sampling_parameter_is_honoured_through_the_openai_sdk(a
     chat = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka lo mi ne"}],
                                           max_tokens=12, stop=word, stream=True, extra_body={"ignore_eos": True}))
     assert chat[-1].choices[0].finish_reason in ("stop", "length")
+    continuous = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka"}], max_tokens=6,
+                                           stream=True, extra_body={"ignore_eos": True},
+                                           stream_options={"include_usage": True, "continuous_usage_stats": True})
+    counts = [chunk.usage.completion_tokens for chunk in continuous if chunk.choices]  # as guidellm asks for it
+    assert counts == sorted(counts) and counts[-1] == 6
     for extra in ({"top_p": 0.5, "temperature": 0.8, "presence_penalty": 0.5, "frequency_penalty": -0.5},
                   {"seed": 3}, {"extra_body": {"min_p": 0.1, "repetition_penalty": 1.2, "stop_token_ids": [2]}}):
         done = c.completions.create(model=MODEL, prompt="ka lo", max_tokens=4, **extra)

@@ -27,7 +27,7 @@ from equinox_ray.serve.http_io import bearer, engine_failure, parse, refusal, us
 from equinox_ray.serve.ingress_links import ControllerLink, Inflight, PoolChannels, Refused
 from equinox_ray.serve.keys import digest, new_key
 from equinox_ray.serve.openai_protocol import (
-    APIError, ChatRequest, CompletionRequest, chunk_body, completion_body, sse, usage,
+    APIError, ChatRequest, CompletionRequest, StreamOptions, chunk_body, completion_body, sse, usage,
 )
 from equinox_ray.serve.protocol import Submission
 from equinox_ray.serve.tokenizer import Tokenizer
@@ -304,7 +304,8 @@ class EquinoxIngress:
             raise engine_failure(first)
         chunks = self._chunks(inflight, first, span)
         if body.stream:
-            return StreamingResponse(self._sse(chunks, rid, chat, body.include_usage), media_type="text/event-stream")
+            return StreamingResponse(self._sse(chunks, rid, chat, body.stream_options, len(ids)),
+                                     media_type="text/event-stream")
         return await self._collect(chunks, rid, chat)
 
     def _admit(self, body, ids: list[int], max_tokens: int) -> None:
@@ -364,8 +365,9 @@ class EquinoxIngress:
         prompt = last.usage.prompt_tokens if last.usage is not None else 0
         return completion_body(rid, self.model, "".join(text), last.finish_reason, usage(prompt, n), chat)
 
-    async def _sse(self, chunks, rid: str, chat: bool, include_usage: bool):
-        n, prompt, first = 0, 0, True
+    async def _sse(self, chunks, rid: str, chat: bool, options: StreamOptions | None, prompt: int):
+        n, first = 0, True
+        continuous = options is not None and options.continuous_usage_stats
         async for chunk in chunks:
             if chunk.finish_reason == "error":
                 yield sse(engine_failure(chunk).body())
@@ -373,8 +375,11 @@ class EquinoxIngress:
             n += len(chunk.token_ids)
             if chunk.usage is not None:
                 prompt = chunk.usage.prompt_tokens
-            yield sse(chunk_body(rid, self.model, chunk.text, chunk.finish_reason, chat, first=first))
+            body = chunk_body(rid, self.model, chunk.text, chunk.finish_reason, chat, first=first)
+            if continuous:  # vLLM's extension: the usage so far in every chunk
+                body["usage"] = usage(prompt, n)
+            yield sse(body)
             first = False
-        if include_usage:
+        if options is not None and options.include_usage:
             yield sse(chunk_body(rid, self.model, None, None, chat, use=usage(prompt, n)))
         yield sse("[DONE]")

@@ -16,7 +16,7 @@ TokenId = Annotated[int, Field(ge=0)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
-    continuous_usage_stats: Literal[False] = Field(False, description="vLLM's; usage comes in the last chunk only")
+    continuous_usage_stats: bool = Field(False, description="vLLM's: the usage so far in every chunk")
 
 
 # Parameters of OpenAI's API this server does not implement, with the values that ask for nothing: a client may send
@@ -72,10 +72,6 @@ class _Body(BaseModel):
             takes = " or ".join(json.dumps(a) for a in allowed)
             raise ValueError(f"{json.dumps(value)} is not supported by this server (it takes {takes})")
         return value
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling(self) -> Sampling:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
