@@ -54,7 +54,8 @@ def start_vllm(engine: dict, log: Path) -> subprocess.Popen:
                "--max-model-len", str(engine["max_model_len"]), "--max-num-seqs", str(engine["max_num_seqs"]),
                "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]), "--enforce-eager",
                "--dtype", "bfloat16", "--scheduling-policy", "priority",
-               "--kv-cache-memory-bytes", str(engine["kv_cache_memory_bytes"])]
+               "--kv-cache-memory-bytes", str(engine["kv_cache_memory_bytes"]),
+               "--chat-template", str(Path(__file__).parent / "chat_template.jinja")]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, engine["kv_cache_memory_bytes"] // 1024**3))}
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
