@@ -141,13 +141,23 @@ def test_every_supported_sampling_parameter_is_honoured_through_the_openai_sdk(a
                   {"seed": 3}, {"extra_body": {"min_p": 0.1, "repetition_penalty": 1.2, "stop_token_ids": [2]}}):
         done = c.completions.create(model=MODEL, prompt="ka lo", max_tokens=4, **extra)
         assert done.choices[0].finish_reason in ("stop", "length")
-    for params in ({"n": 2}, {"logprobs": 1}, {"echo": True}, {"best_of": 2}, {"logit_bias": {"5": 1.0}},
+    scored = c.completions.create(model=MODEL, prompt="ka lo", max_tokens=5, logprobs=2, extra_body={"ignore_eos": True})
+    lp = scored.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 5 and all(len(top) <= 2 for top in lp.top_logprobs)
+    assert all(p <= 0 for p in lp.token_logprobs) and lp.text_offset == sorted(lp.text_offset)
+    chat_scored = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka"}],
+                                                 max_tokens=5, logprobs=True, top_logprobs=3, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    content = [t for chunk in chat_scored if chunk.choices and chunk.choices[0].logprobs
+               for t in chunk.choices[0].logprobs.content]
+    assert len(content) == 5 and all(len(t.top_logprobs) == 3 for t in content)
+    for params in ({"n": 2}, {"echo": True}, {"best_of": 2}, {"logit_bias": {"5": 1.0}},
                    {"suffix": "x"}, {"extra_body": {"frobnicate": 1}}):
         with pytest.raises(openai.BadRequestError) as refused:
             c.completions.create(model=MODEL, prompt="ka lo", max_tokens=2, **params)
         name = next(iter(params.get("extra_body", params)))
         assert refused.value.body["param"] == name and name in refused.value.body["message"]
-    for params in ({"logprobs": True}, {"response_format": {"type": "json_object"}},
+    for params in ({"top_logprobs": 2}, {"response_format": {"type": "json_object"}},
                    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}):
         with pytest.raises(openai.BadRequestError) as refused:
             c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka"}], max_tokens=2,

@@ -115,6 +115,12 @@ def test_serve_validates_the_yaml_args_against_the_config_model():
         call_user_app_builder_with_args_if_necessary(build, bad)
 
 
+def test_logprobs_are_refused_where_simulated_pools_draw_no_tokens(app):
+    r = httpx.post(f"{BASE}/v1/completions", headers=auth(KEYS[0]), timeout=30,
+                   json={"model": "llama-2-7b-sim", "prompt": "ka lo", "max_tokens": 2, "logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
 def test_every_controller_method_runs_on_its_event_loop():
     """Serve runs plain methods in a thread pool; a threaded `report` raced the event loop's dispatch and corrupted
     the queues under load (found replaying 400 LMSYS requests). The controller is single-threaded state."""

@@ -86,6 +86,16 @@ def test_the_clients_sampling_parameters_reach_vllm(engine, loop):
     assert finish == "stop" and cut == text[:text.index(word)]
 
 
+def test_logprobs_come_with_every_token_and_the_greedy_token_is_the_most_likely(engine, loop):
+    request = GenerationRequest("logprobs", max_tokens=8, prompt_token_ids=[7, 8, 9], ignore_eos=True,
+                                sampling=Sampling(logprobs=2))
+    chunks = loop.run_until_complete(collect(engine.generate(request)))
+    logprobs = [lp for c in chunks for lp in (c.logprobs or ())]
+    assert len(logprobs) == sum(len(c.token_ids) for c in chunks) == 8
+    for lp in logprobs:
+        assert len(lp.top) == 2 and lp.logprob <= 0 and (lp.token, lp.logprob) == lp.top[0]
+
+
 def test_text_prompts_are_tokenized_and_text_comes_back(engine, loop):
     request = GenerationRequest("text", max_tokens=6, prompt="ka lo mi ne fin", ignore_eos=True)
     chunks = loop.run_until_complete(collect(engine.generate(request)))

@@ -29,6 +29,16 @@ class Sampling:
     seed: int | None = None  # the client's seed, never one it did not send
     stop: tuple[str, ...] = ()  # generation ends before any of these strings (finish reason "stop")
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; k: each token's log probability and the k most likely alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, and the most likely alternatives at its position (by rank)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -65,6 +75,7 @@ class TokenChunk:
     # replica could not start it (its engine is dead), so it may be tried on another
     usage: Usage | None = None  # on the last chunk
     error: str | None = None  # what failed, with finish_reason "error"
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token in token_ids, when the request asked
 
     @property
     def last(self) -> bool:
@@ -76,8 +87,11 @@ def merge_chunks(chunks: list[TokenChunk]) -> TokenChunk:
     if len(chunks) == 1:
         return chunks[0]
     last = chunks[-1]
+    logprobs = None
+    if any(c.logprobs is not None for c in chunks):
+        logprobs = tuple(lp for c in chunks for lp in (c.logprobs or ()))
     return TokenChunk(last.request_id, [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks),
-                      last.finish_reason, last.usage, last.error)
+                      last.finish_reason, last.usage, last.error, logprobs)
 
 
 UtilizationSource = Literal["nvml", "busy-fraction", "simulated"]

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from equinox_ray.engines.busy_tracker import BusyTracker
 from equinox_ray.engines.types import (
-    EngineError, EngineStats, GenerationRequest, RequestRejected, TokenChunk, Usage, validate,
+    EngineError, EngineStats, GenerationRequest, RequestRejected, TokenChunk, TokenLogprob, Usage, validate,
 )
 
 
@@ -131,7 +131,8 @@ class VLLMEngine:
                                 min_p=sampling.min_p, presence_penalty=sampling.presence_penalty,
                                 frequency_penalty=sampling.frequency_penalty,
                                 repetition_penalty=sampling.repetition_penalty, seed=sampling.seed,
-                                stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids))
+                                stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids),
+                                logprobs=sampling.logprobs)
         active = _Active(len(ids), time.monotonic())
         self._active[request.id] = active
         finished = False
@@ -147,8 +148,12 @@ class VLLMEngine:
                 if out.finished:
                     finished = True
                     usage = self._usage(request.id, active, now)
+                logprobs = None
+                if sampling.logprobs is not None:
+                    logprobs = tuple(_token_logprob(token, position, sampling.logprobs)
+                                     for token, position in zip(completion.token_ids, completion.logprobs or ()))
                 yield TokenChunk(request.id, list(completion.token_ids), completion.text,
-                                 completion.finish_reason if out.finished else None, usage)
+                                 completion.finish_reason if out.finished else None, usage, logprobs=logprobs)
                 if out.finished:
                     return
         except (asyncio.CancelledError, GeneratorExit):
@@ -233,3 +238,11 @@ class VLLMEngine:
         output = details.num_generation_tokens
         self.tracker.record_step(time.monotonic(), details.elapsed_ms / 1000.0, tokens, output)
 
+
+def _token_logprob(token_id: int, position, top: int) -> TokenLogprob:
+    """vLLM's logprobs at one position (token id -> Logprob: the sampled token and the top ranks) as ours."""
+    chosen = position[token_id]
+    ranked = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= top),
+                    key=lambda lp: lp.rank)
+    return TokenLogprob(chosen.decoded_token or "", chosen.logprob,
+                        tuple((lp.decoded_token or "", lp.logprob) for lp in ranked))

@@ -27,7 +27,8 @@ from equinox_ray.serve.http_io import bearer, engine_failure, parse, refusal, us
 from equinox_ray.serve.ingress_links import ControllerLink, Inflight, PoolChannels, Refused
 from equinox_ray.serve.keys import digest, new_key
 from equinox_ray.serve.openai_protocol import (
-    APIError, ChatRequest, CompletionRequest, StreamOptions, chunk_body, completion_body, sse, usage,
+    APIError, ChatRequest, CompletionRequest, StreamOptions, chat_logprobs, chunk_body, completion_body,
+    completion_logprobs, sse, usage,
 )
 from equinox_ray.serve.protocol import Submission
 from equinox_ray.serve.tokenizer import Tokenizer
@@ -117,6 +118,7 @@ class EquinoxIngress:
         self.model = config.model.name
         self.gpu_types = {p.name: p.gpu_type for p in config.pools}
         self.seeded_sampling_crashes = any(p.seeded_sampling_crashes for p in config.pools)
+        self.simulated_pools = any(p.engine == "sim" for p in config.pools)
         self.tracer = tracer_of(make_provider(config.telemetry, "ingress"))
         self.channels = PoolChannels(pools, self.name, deliver=lambda chunk: self.link.deliver(chunk),
                                      lost=lambda replica, why: self.link.replica_lost(replica, why))
@@ -324,6 +326,9 @@ class EquinoxIngress:
             if vocab is not None and max(token_ids) >= vocab:
                 raise APIError(400, f"token id {max(token_ids)} is outside the vocabulary (0 to {vocab - 1})",
                                "invalid_request_error", param)
+        if body.requested_logprobs is not None and self.simulated_pools:
+            raise APIError(400, "logprobs are not available: this server has simulated pools, which draw no tokens",
+                           "invalid_request_error", "logprobs")
         if body.seed is not None and body.temperature > 0 and self.seeded_sampling_crashes:
             raise APIError(400, "seed with temperature > 0 is not supported on this server's CPU engine (vLLM-CPU "
                                 "fails on seeded sampling of a chunked prompt); send temperature 0 or no seed",
@@ -355,18 +360,22 @@ class EquinoxIngress:
             span.finished(chunk)
 
     async def _collect(self, chunks, rid: str, chat: bool) -> dict:
-        text, n, last = [], 0, None
+        text, n, last, logprobs = [], 0, None, None
         async for chunk in chunks:
             text.append(chunk.text)
             n += len(chunk.token_ids)
             last = chunk
+            if chunk.logprobs is not None:
+                logprobs = (logprobs or []) + list(chunk.logprobs)
         if last.finish_reason == "error":
             raise engine_failure(last)
         prompt = last.usage.prompt_tokens if last.usage is not None else 0
-        return completion_body(rid, self.model, "".join(text), last.finish_reason, usage(prompt, n), chat)
+        if logprobs is not None:
+            logprobs = chat_logprobs(logprobs) if chat else completion_logprobs(logprobs)
+        return completion_body(rid, self.model, "".join(text), last.finish_reason, usage(prompt, n), chat, logprobs)
 
     async def _sse(self, chunks, rid: str, chat: bool, options: StreamOptions | None, prompt: int):
-        n, first = 0, True
+        n, first, offset = 0, True, 0
         continuous = options is not None and options.continuous_usage_stats
         async for chunk in chunks:
             if chunk.finish_reason == "error":
@@ -375,7 +384,11 @@ class EquinoxIngress:
             n += len(chunk.token_ids)
             if chunk.usage is not None:
                 prompt = chunk.usage.prompt_tokens
-            body = chunk_body(rid, self.model, chunk.text, chunk.finish_reason, chat, first=first)
+            logprobs = None
+            if chunk.logprobs is not None:
+                logprobs = chat_logprobs(chunk.logprobs) if chat else completion_logprobs(chunk.logprobs, offset)
+            offset += len(chunk.text)
+            body = chunk_body(rid, self.model, chunk.text, chunk.finish_reason, chat, first=first, logprobs=logprobs)
             if continuous:  # vLLM's extension: the usage so far in every chunk
                 body["usage"] = usage(prompt, n)
             yield sse(body)

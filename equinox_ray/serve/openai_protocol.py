@@ -21,8 +21,7 @@ class StreamOptions(BaseModel):
 
 # Parameters of OpenAI's API this server does not implement, with the values that ask for nothing: a client may send
 # those (many send their defaults); any other value is refused with a 400 that names the parameter.
-UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False),
-               "top_logprobs": (None, 0), "logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, []),
+UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, []),
                "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
                "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
                "store": (None, False)}
@@ -52,8 +51,6 @@ class _Body(BaseModel):
     n: int | None = None
     best_of: int | None = None
     echo: bool | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
     logit_bias: dict | None = None
     suffix: str | None = None
     tools: list | None = None
@@ -77,11 +74,22 @@ class _Body(BaseModel):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return Sampling(self.temperature, self.top_p, max(self.top_k, 0), self.min_p, self.presence_penalty,
                         self.frequency_penalty, self.repetition_penalty, self.seed, stop,
-                        tuple(self.stop_token_ids or ()))
+                        tuple(self.stop_token_ids or ()), self.requested_logprobs)
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """How many alternatives per token to report log probabilities for (0: the sampled token's only)."""
+        return None
 
 
 class CompletionRequest(_Body):
     prompt: str | list[TokenId] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=20, description="the sampled token's log probability and this "
+                                                                "many alternatives'")
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -109,6 +117,19 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -158,19 +179,40 @@ def usage(prompt_tokens: int, output_tokens: int) -> dict:
             "total_tokens": prompt_tokens + output_tokens}
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None, chat: bool) -> dict:
+def completion_logprobs(tokens, offset: int = 0) -> dict:
+    """Completions' logprobs object for these tokens (`TokenLogprob`s); `offset`: where they start in the text."""
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token.token)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
+
+
+def chat_logprobs(tokens) -> dict:
+    """Chat's logprobs object for these tokens (`TokenLogprob`s)."""
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(a, b) for a, b in t.top]}
+                        for t in tokens]}
+
+
+def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None, chat: bool,
+                    logprobs: dict | None = None) -> dict:
     created = int(time.time())
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                  "finish_reason": finish}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
                 "usage": use}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice],
             "usage": use}
 
 
 def chunk_body(rid: str, model: str, text: str | None, finish: str | None, chat: bool, first: bool = False,
-               use: dict | None = None) -> dict:
+               use: dict | None = None, logprobs: dict | None = None) -> dict:
     created = int(time.time())
     if use is not None:  # the usage chunk that include_usage asks for: no choices
         return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
@@ -178,9 +220,9 @@ def chunk_body(rid: str, model: str, text: str | None, finish: str | None, chat:
     if chat:
         delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def sse(payload: dict | str) -> str:
