@@ -21,9 +21,11 @@ from equinox_ray.engines.replica import ReplicaReport
 from equinox_ray.serve.checkpoint import CheckpointStore
 from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.controller import FairnessController
+from equinox_ray.serve.errors import Busy
 from equinox_ray.serve.fairness_view import snapshot
 from equinox_ray.serve.protocol import IngressBatch, ReplicaHello, ReportAnswer
 from equinox_ray.serve.routing import watch_replicas
+from equinox_ray.serve.users import ChangeRefused, refused_change
 from equinox_ray.telemetry.metrics import FairnessMetrics
 
 log = logging.getLogger("ray.serve")
@@ -128,24 +130,28 @@ class ControllerDeployment:
     async def prometheus(self) -> tuple[bytes, str]:
         return self.metrics.render()
 
-    async def set_policy(self, policy: PolicyConfig) -> str:
-        return self.controller.set_policy(policy)
+    async def set_policy(self, policy: PolicyConfig) -> str | ChangeRefused:
+        """The new policy's name, or a 409 while requests wait or run."""
+        try:
+            return self.controller.set_policy(policy)
+        except Busy as exc:
+            return ChangeRefused(409, str(exc), "busy")
 
     # -- users and keys (serve/users.py) -----------------------------------------------------------------------
     async def list_users(self) -> dict[str, dict]:
         return self.controller.registry.listing()
 
-    async def add_user(self, name: str, weight: float, key_digest: str) -> None:
-        self.controller.add_user(name, weight, key_digest)
+    async def add_user(self, name: str, weight: float, key_digest: str) -> ChangeRefused | None:
+        return refused_change(lambda: self.controller.add_user(name, weight, key_digest))
 
-    async def set_weight(self, name: str, weight: float) -> None:
-        self.controller.set_weight(name, weight)
+    async def set_weight(self, name: str, weight: float) -> ChangeRefused | None:
+        return refused_change(lambda: self.controller.set_weight(name, weight))
 
-    async def rotate_key(self, name: str, key_digest: str, keep_old: bool) -> None:
-        self.controller.rotate_key(name, key_digest, keep_old)
+    async def rotate_key(self, name: str, key_digest: str, keep_old: bool) -> ChangeRefused | None:
+        return refused_change(lambda: self.controller.rotate_key(name, key_digest, keep_old))
 
-    async def remove_user(self, name: str) -> None:
-        self.controller.remove_user(name)
+    async def remove_user(self, name: str) -> ChangeRefused | None:
+        return refused_change(lambda: self.controller.remove_user(name))
 
     # -- shutdown (equinox_ray/serve/run.py) ------------------------------------------------------------------
     async def close(self) -> float:

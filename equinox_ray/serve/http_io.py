@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import asynccontextmanager
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -13,7 +12,7 @@ from pydantic import ValidationError
 from equinox_ray.engines.types import TokenChunk
 from equinox_ray.serve.ingress_links import CUT_AT_SHUTDOWN, Refused
 from equinox_ray.serve.openai_protocol import APIError, one_line, unencodable
-from equinox_ray.serve.users import KeyInUse, UserExists, UserNotFound
+from equinox_ray.serve.users import ChangeRefused
 
 log = logging.getLogger("ray.serve")
 
@@ -72,15 +71,10 @@ def engine_failure(chunk: TokenChunk) -> APIError:
     return APIError(503, f"the engine failed: {one_line(chunk.error or '')}", "server_error", code="engine_error")
 
 
-@asynccontextmanager
-async def user_errors():
-    """The user registry's refusals as HTTP answers."""
-    try:
-        yield
-    except UserNotFound as exc:
-        raise APIError(404, str(exc), "invalid_request_error", code="user_not_found") from None
-    except (UserExists, KeyInUse) as exc:
-        raise APIError(409, str(exc), "invalid_request_error", code="conflict") from None
+def check_change(answer: ChangeRefused | None) -> None:
+    """An admin change the controller refused, as its HTTP answer."""
+    if answer is not None:
+        raise APIError(answer.status, answer.message, "invalid_request_error", code=answer.code)
 
 
 def refusal(refused: Refused) -> APIError:

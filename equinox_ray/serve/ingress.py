@@ -22,8 +22,7 @@ from starlette.exceptions import HTTPException
 
 from equinox_ray.engines.types import GenerationRequest, TokenChunk
 from equinox_ray.serve.config import AppConfig, PolicyConfig
-from equinox_ray.serve.errors import Busy
-from equinox_ray.serve.http_io import bearer, engine_failure, parse, refusal, user_errors
+from equinox_ray.serve.http_io import bearer, check_change, engine_failure, parse, refusal
 from equinox_ray.serve.ingress_links import ControllerLink, Inflight, PoolChannels, Refused
 from equinox_ray.serve.keys import digest, new_key
 from equinox_ray.serve.openai_protocol import (
@@ -32,7 +31,7 @@ from equinox_ray.serve.openai_protocol import (
 )
 from equinox_ray.serve.protocol import Submission
 from equinox_ray.serve.tokenizer import Tokenizer
-from equinox_ray.serve.users import KeyRotation, NewUser, UserTable, WeightChange
+from equinox_ray.serve.users import ChangeRefused, KeyRotation, NewUser, UserTable, WeightChange
 from equinox_ray.telemetry.dashboard import DASHBOARD_HTML
 from equinox_ray.telemetry.spans import RequestTrace, tracer_of
 from equinox_ray.telemetry.tracing import make_provider
@@ -168,10 +167,9 @@ class EquinoxIngress:
         """Admin only: switch policy or tune its weights while the server is idle (409 otherwise)."""
         self._require(request, self.admins, "an admin key is required")
         body = await parse(request, PolicyConfig, self.config.limits.max_body_bytes)
-        try:
-            return {"policy": await self.controller.set_policy.remote(body)}
-        except Busy as exc:
-            raise APIError(409, str(exc), "invalid_request_error", code="busy") from None
+        answer = await self.controller.set_policy.remote(body)
+        check_change(answer if isinstance(answer, ChangeRefused) else None)
+        return {"policy": answer}
 
     @api.get("/v1/admin/users")
     async def list_users(self, request: Request) -> dict:
@@ -185,16 +183,14 @@ class EquinoxIngress:
         self._require(request, self.admins, "an admin key is required")
         body = await parse(request, NewUser, self.config.limits.max_body_bytes)
         key = new_key()
-        async with user_errors():
-            await self.controller.add_user.remote(body.name, body.weight, digest(key))
+        check_change(await self.controller.add_user.remote(body.name, body.weight, digest(key)))
         return {"name": body.name, "weight": body.weight, "key": key}
 
     @api.patch("/v1/admin/users/{name}")
     async def set_weight(self, name: str, request: Request) -> dict:
         self._require(request, self.admins, "an admin key is required")
         body = await parse(request, WeightChange, self.config.limits.max_body_bytes)
-        async with user_errors():
-            await self.controller.set_weight.remote(name, body.weight)
+        check_change(await self.controller.set_weight.remote(name, body.weight))
         return {"name": name, "weight": body.weight}
 
     @api.post("/v1/admin/users/{name}/keys")
@@ -203,15 +199,13 @@ class EquinoxIngress:
         self._require(request, self.admins, "an admin key is required")
         body = await parse(request, KeyRotation, self.config.limits.max_body_bytes)
         key = new_key()
-        async with user_errors():
-            await self.controller.rotate_key.remote(name, digest(key), body.keep_old)
+        check_change(await self.controller.rotate_key.remote(name, digest(key), body.keep_old))
         return {"name": name, "key": key}
 
     @api.delete("/v1/admin/users/{name}")
     async def remove_user(self, name: str, request: Request) -> dict:
         self._require(request, self.admins, "an admin key is required")
-        async with user_errors():
-            await self.controller.remove_user.remote(name)
+        check_change(await self.controller.remove_user.remote(name))
         return {"name": name, "removed": True}
 
     @api.post("/v1/completions")

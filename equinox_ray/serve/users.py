@@ -9,10 +9,31 @@ the admin API owns the users, and a redeploy with the same YAML does not undo it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from equinox_ray.serve.config import UserConfig
+
+
+@dataclass(frozen=True)
+class ChangeRefused:
+    """The answer to an admin change the registry would not make: no such user (404) or a conflict (409). An
+    answer, not an exception: Serve logs every exception that crosses a handle with its traceback."""
+
+    status: int
+    message: str
+    code: str
+
+
+def refused_change(change: Callable[[], None]) -> ChangeRefused | None:
+    try:
+        change()
+    except UserNotFound as exc:
+        return ChangeRefused(404, str(exc), "user_not_found")
+    except (UserExists, KeyInUse) as exc:
+        return ChangeRefused(409, str(exc), "conflict")
+    return None
 
 
 class UserNotFound(Exception):
