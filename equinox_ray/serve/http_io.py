@@ -77,7 +77,11 @@ def check_change(answer: ChangeRefused | None) -> None:
         raise APIError(answer.status, answer.message, "invalid_request_error", code=answer.code)
 
 
+def retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, round(seconds)))}
+
+
 def refusal(refused: Refused) -> APIError:
     r = refused.refusal
     kind = "rate_limit_error" if r.status == 429 else "server_error" if r.status >= 500 else "invalid_request_error"
-    return APIError(r.status, r.message, kind, code=r.code, headers={"Retry-After": str(max(1, round(r.retry_after_s)))})
+    return APIError(r.status, r.message, kind, code=r.code, headers=retry_after(r.retry_after_s))

@@ -22,12 +22,11 @@ from starlette.exceptions import HTTPException
 
 from equinox_ray.engines.types import GenerationRequest, TokenChunk
 from equinox_ray.serve.config import AppConfig, PolicyConfig
-from equinox_ray.serve.http_io import bearer, check_change, engine_failure, parse, refusal
+from equinox_ray.serve.http_io import bearer, check_change, engine_failure, parse, refusal, retry_after
 from equinox_ray.serve.ingress_links import ControllerLink, Inflight, PoolChannels, Refused
 from equinox_ray.serve.keys import digest, new_key
 from equinox_ray.serve.openai_protocol import (
-    APIError, ChatRequest, CompletionRequest, StreamOptions, chat_logprobs, chunk_body, completion_body,
-    completion_logprobs, sse, usage,
+    APIError, ChatRequest, CompletionRequest, StreamOptions, chunk_body, completion_body, logprobs_body, sse, usage,
 )
 from equinox_ray.serve.protocol import Submission
 from equinox_ray.serve.tokenizer import Tokenizer
@@ -249,7 +248,7 @@ class EquinoxIngress:
         if user in full.users:
             self.link.refused_at_door(user)
             raise APIError(429, full.message, "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(max(1, round(full.retry_after_s)))})
+                           headers=retry_after(full.retry_after_s))
         return user
 
     def _user_for_key(self, key: str | None, claimed: str | None) -> str:
@@ -267,7 +266,7 @@ class EquinoxIngress:
         closing = self.link.closing
         if closing is not None:
             raise APIError(503, "the server is shutting down", "server_error", code="shutting_down",
-                           headers={"Retry-After": str(max(1, round(closing.retry_after_s)))})
+                           headers=retry_after(closing.retry_after_s))
 
     async def _serve(self, body, user: str, ids: list[int], max_tokens: int | None, chat: bool):
         self._refuse_if_closing()
@@ -360,12 +359,13 @@ class EquinoxIngress:
             n += len(chunk.token_ids)
             last = chunk
             if chunk.logprobs is not None:
-                logprobs = (logprobs or []) + list(chunk.logprobs)
+                logprobs = logprobs or []
+                logprobs.extend(chunk.logprobs)
         if last.finish_reason == "error":
             raise engine_failure(last)
         prompt = last.usage.prompt_tokens if last.usage is not None else 0
         if logprobs is not None:
-            logprobs = chat_logprobs(logprobs) if chat else completion_logprobs(logprobs)
+            logprobs = logprobs_body(logprobs, chat)
         return completion_body(rid, self.model, "".join(text), last.finish_reason, usage(prompt, n), chat, logprobs)
 
     async def _sse(self, chunks, rid: str, chat: bool, options: StreamOptions | None, prompt: int):
@@ -378,9 +378,7 @@ class EquinoxIngress:
             n += len(chunk.token_ids)
             if chunk.usage is not None:
                 prompt = chunk.usage.prompt_tokens
-            logprobs = None
-            if chunk.logprobs is not None:
-                logprobs = chat_logprobs(chunk.logprobs) if chat else completion_logprobs(chunk.logprobs, offset)
+            logprobs = logprobs_body(chunk.logprobs, chat, offset) if chunk.logprobs is not None else None
             offset += len(chunk.text)
             body = chunk_body(rid, self.model, chunk.text, chunk.finish_reason, chat, first=first, logprobs=logprobs)
             if continuous:  # vLLM's extension: the usage so far in every chunk

@@ -21,10 +21,10 @@ class StreamOptions(BaseModel):
 
 # Parameters of OpenAI's API this server does not implement, with the values that ask for nothing: a client may send
 # those (many send their defaults); any other value is refused with a 400 that names the parameter.
-UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, []),
-               "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-               "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
-               "store": (None, False)}
+UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logit_bias": (None, {}),
+               "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+               "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
+               "response_format": (None, {"type": "text"}), "store": (None, False)}
 
 
 class _Body(BaseModel):
@@ -196,6 +196,10 @@ def chat_logprobs(tokens) -> dict:
 
     return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(a, b) for a, b in t.top]}
                         for t in tokens]}
+
+
+def logprobs_body(tokens, chat: bool, offset: int = 0) -> dict:
+    return chat_logprobs(tokens) if chat else completion_logprobs(tokens, offset)
 
 
 def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None, chat: bool,

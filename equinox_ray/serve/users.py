@@ -96,8 +96,9 @@ class UserRegistry:
     def _apply_seed(self) -> None:
         for user in self._seed:
             if user.name not in self.users and user.name not in self.removed:
-                self._claim(user.name, user.key.resolve())
-                self.users[user.name] = UserRecord(user.weight, [user.key.resolve()])
+                key_digest = user.key.resolve()  # reads an env var or a file
+                self._claim(user.name, key_digest)
+                self.users[user.name] = UserRecord(user.weight, [key_digest])
 
     # -- changes (each returns what the admin sees) ----------------------------------------------------------
     def add(self, name: str, weight: float, key_digest: str) -> None:
