@@ -79,7 +79,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "equinox.json"
 def exported_samples() -> dict[str, set[str]]:
     """Every sample name the ingress's /metrics serves after some traffic, with its label names."""
     from prometheus_client.parser import text_string_to_metric_families
-    from test_controller import config, controller, finish, grants, submit
+    from controller_helpers import config, controller, finish, grants, submit
 
     from equinox_ray.telemetry.metrics import FairnessMetrics
 
