@@ -14,7 +14,7 @@ from typing import Callable
 
 from equinox_ray.sim import PoolSpec
 from equinox_ray.workloads import synthetic, traces
-from equinox_ray.workloads.workload import TraceRequest, Workload
+from equinox_ray.workloads.workload import Workload
 
 A10G_TO_A100 = 2039.0 / 600.0
 ZIPF_WEIGHTS = (1.0, 2.0, 4.0)
@@ -39,12 +39,6 @@ class Scenario:
         return self.window_s / self.time_scale
 
 
-def compressed(workload: Workload, factor: float, name: str | None = None) -> Workload:
-    requests = [TraceRequest(r.arrival_s / factor, r.user, r.prompt_tokens, r.output_tokens)
-                for r in workload.requests]
-    return Workload(name or workload.name, workload.users, requests)
-
-
 def pool(name: str, gpu: str, replicas: int, max_num_seqs: int = 32) -> PoolSpec:
     return PoolSpec(name, gpu, replicas, max_num_seqs=max_num_seqs, cost_weight=COST[gpu])
 
@@ -54,14 +48,14 @@ def _vtc_suites(smoke: bool) -> list[Workload]:
         suites = [synthetic.overload(duration=120.0), synthetic.poisson_short_long(duration=60.0)]
     else:
         suites = [make() for make in synthetic.VTC_SUITES.values()]
-    return [compressed(w, A10G_TO_A100) for w in suites]
+    return [w.compressed(A10G_TO_A100) for w in suites]
 
 
 def _lmsys(smoke: bool) -> list[Workload]:
     w = traces.lmsys_arena()
     if smoke:
         w = Workload(w.name, w.users, w.requests[:300])
-    return [compressed(w, A10G_TO_A100, "lmsys-arena")]
+    return [w.compressed(A10G_TO_A100, "lmsys-arena")]
 
 
 def _sharegpt(smoke: bool) -> list[Workload]:
@@ -79,7 +73,7 @@ def _azure(smoke: bool) -> list[Workload]:
     timed = traces.azure_conversations()[: 800 if smoke else 10_000]
     w = synthetic.zipf_users([(p, o) for _, p, o in timed], n_users=50, n_requests=len(timed),
                              arrivals=[t for t, _, _ in timed], weights=ZIPF_WEIGHTS, seed=0, name="azure-mixed")
-    return [compressed(w, AZURE_SCALE / (4 if smoke else 1))]
+    return [w.compressed(AZURE_SCALE / (4 if smoke else 1))]
 
 
 def _scale(smoke: bool) -> list[Workload]:
@@ -91,7 +85,7 @@ def _scale(smoke: bool) -> list[Workload]:
     lengths = [(p, o) for _, p, o in timed]
     w = synthetic.zipf_users(lengths, n_users=200, n_requests=n, arrivals=arrivals, weights=ZIPF_WEIGHTS, seed=0,
                              name="scale-100k")
-    return [compressed(w, SCALE_SCALE)]
+    return [w.compressed(SCALE_SCALE)]
 
 
 MIXED = (pool("h100", "H100", 2), pool("a100", "A100", 4), pool("l4", "L4", 8, max_num_seqs=16))

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from equinox_ray.mope import experts as experts_io
 from equinox_ray.mope.features import BANDS, TARGETS, record_features, target_values
-from predictors import records as rec
+from equinox_ray.mope import records as rec
 
 DEFAULT_MODELS = Path(__file__).parent / "models"
 

@@ -86,8 +86,9 @@ def test_grants_spread_over_a_pool_s_replicas_by_free_slots():
 
 def test_backlog_goes_to_the_pool_that_suits_the_work():
     """Cost dispatch: the cheapest pool meeting the SLO. With the H100 5x faster at 8x the price, short requests
-    suit the L4s; long ones only fit the H100s. The backlog the autoscaler sees follows that split."""
-    ctl = controller(config(name="equinox", dispatch="cost", e2e_slo_s=30.0))
+    suit the L4s; long ones only fit the H100s. The backlog the autoscaler sees follows that split. (The moving
+    average predicts from the reported speeds: the split does not hang on what the shipped models learned.)"""
+    ctl = controller(config(name="equinox", dispatch="cost", e2e_slo_s=30.0, predictor="moving-average"))
     report(ctl, "h100", "h0", 4000.0, 0.015)
     report(ctl, "l4", "l0", 800.0, 0.06)
     for pool in ctl.pools.values():
@@ -168,20 +169,46 @@ def test_a_gone_ingress_is_withdrawn_everywhere():
 
 
 def test_the_serving_path_writes_completion_records_that_training_reads(tmp_path):
-    from predictors import records
+    """Training reads the records into the very feature rows MoPE predicted with: same request, same history, same
+    pool state (each request is predicted and granted in one update here, so on one view of its pool)."""
+    import numpy as np
+
+    from equinox_ray.mope import records
+    from equinox_ray.mope.features import record_features
 
     path = tmp_path / "records.jsonl"
     ctl = controller(config(name="equinox").model_copy(update={"records_path": str(path)}))
+    report(ctl, "h100", "h0", tpot_s=0.01)
     for i in range(3):
         submit(ctl, f"r{i}", "a", 40 + i, 20)
         finish(ctl, f"r{i}", output=15)
     submit(ctl, "gone", "b")
     finish(ctl, "gone", output=3, cancelled=True)
     rows = records.read(path)
-    assert [r["prompt_tokens"] for r in rows] == [40, 41, 42]  # the cancelled one is not training data
-    assert all(r["output_tokens"] == 15 and r["gpu"] in ("H100", "L4") for r in rows)
+    assert [r.prompt_tokens for r in rows] == [40, 41, 42]  # the cancelled one is not training data
+    assert all(r.output_tokens == 15 and r.gpu in ("H100", "L4") and r.window == 2 and r.running == 0
+               for r in rows)
+    assert rows[0].kv_usage == 0.5 if rows[0].gpu == "H100" else rows[0].kv_usage == 0.0  # h100 reported 0.5
     predictor = ctl.policy.predictor
     assert type(predictor).__name__ == "MoPE" and predictor.experts  # the shipped models were loaded
+    predicted_with = np.stack([features for features, _ in predictor.records])
+    assert np.array_equal(record_features(rows), predicted_with)
+
+
+def test_a_simulated_pools_view_starts_from_its_gpus_step_model_as_the_simulators_does():
+    """One view of the cluster: before any report, a serving pool of simulated H100s has the nominal speeds the
+    cluster simulator gives the same pool; a report's measured TPOT then replaces the nominal decode speed."""
+    from equinox_ray.sim import PoolSpec
+
+    ctl = controller()
+    served = ctl.pools["h100"].view()
+    simulated = PoolSpec("h100", "H100", 1, max_num_seqs=2, cost_weight=8.0, max_model_len=8192).facts()
+    assert (served.prefill_tps, served.decode_tps, served.throughput_tps) == (
+        simulated.prefill_tps, simulated.decode_tps, simulated.throughput_tps)
+    assert served.prefill_tps > 20_000  # not the 10,000 a pool without a step model assumes
+    report(ctl, "h100", "h0", tpot_s=0.04)
+    assert ctl.pools["h100"].view().decode_tps == 25.0
+    assert ctl.pools["h100"].view().prefill_tps == served.prefill_tps
 
 
 LONG = st.lists(st.tuples(st.integers(1, 60), st.integers(20, 200)), min_size=10, max_size=25)

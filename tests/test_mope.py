@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -58,12 +59,12 @@ def test_features_never_see_the_true_output_length():
     """Changing a request's true length changes nothing in its own features, nor in anyone's before it ends."""
     records = replay(traces.lmsys_arena(), gpu="A100")[:300]
     base = record_features(records)
-    changed = [dict(r) for r in records]
-    changed[100]["output_tokens"] = 99_999
+    changed = list(records)
+    changed[100] = replace(records[100], output_tokens=99_999)
     after = record_features(changed)
     assert np.array_equal(base[: 101], after[: 101])  # nothing at or before it moves
-    later = [i for i, r in enumerate(records) if r["arrival_s"] >= records[100]["finish_s"]
-             and r["user"] == records[100]["user"]]
+    later = [i for i, r in enumerate(records) if r.arrival_s >= records[100].finish_s
+             and r.user == records[100].user]
     if later:  # once it has finished, its user's history may reflect it
         assert not np.array_equal(base[later[0]], after[later[0]])
     assert "output_tokens" not in FEATURES and "max_tokens" in FEATURES
@@ -78,6 +79,23 @@ def test_online_correction_moves_a_users_predictions_toward_what_was_measured():
         predicted = mope.predict(r, POOL)
         mope.observe(Outcome(r.id, "verbose", "a100", 50, int(min(1000, predicted.output_tokens * 3)), 0.1, 2.0, 1.0))
     assert mope.predict(Request("next", "verbose", 20.0, 50, 1000), POOL).output_tokens > 1.5 * before
+
+
+def test_the_online_correction_converges_to_measured_over_the_experts_own_prediction():
+    """Experts that always say 100 tokens and 1 s, a user who always writes 200 tokens in 3 s: the corrected
+    predictions settle at 200 and 3 s, not at a ratio of the already corrected ones (which settles at sqrt 2)."""
+    X = np.tile(np.arange(len(FEATURES), dtype=np.float32), (300, 1))
+    X[:, FEATURES.index("prompt_tokens")] = np.arange(300) * 5  # every band has rows
+    constant = {t: np.full(300, v, dtype=np.float32) for t, v in
+                {"output_tokens": 100, "ttft_s": 0.1, "e2e_s": 1.0, "throughput_tps": 500, "utilization": 0.5}.items()}
+    mope = MoPE(experts=experts_io.train_experts(X, constant))
+    for i in range(60):
+        r = Request(f"r{i}", "u", float(i), 50, 1000)
+        mope.predict(r, POOL)
+        mope.observe(Outcome(r.id, "u", "a100", 50, 200, 0.1, 3.0, 1.0))
+    settled = mope.predict(Request("next", "u", 99.0, 50, 1000), POOL)
+    assert settled.output_tokens == pytest.approx(200, rel=0.01)
+    assert settled.e2e_s == pytest.approx(3.0, rel=0.01)
 
 
 def test_refit_swaps_in_new_experts_without_stopping_predictions():
@@ -113,3 +131,30 @@ def test_a_small_training_run_beats_the_global_mean(tmp_path):
         assert scores[target][0] < mean_mae, target
     assert (tmp_path / "report.md").exists() and (tmp_path / "predicted_vs_measured.png").stat().st_size > 1000
     assert MoPE(tmp_path).predict(Request("r", "u", 0.0, 100, 200), POOL).source.startswith("mope:")
+
+
+def test_the_simulator_and_its_training_records_give_mope_the_same_rows():
+    """The replay's record writer (an observer of the cluster simulator) rebuilds, for every request granted on
+    arrival, the very feature row MoPE predicted with in the run: one definition of each feature in simulation and
+    training. (A request that waits is predicted when it is first needed, on the pool as it was then.)"""
+    from equinox_ray.fairness import VTC
+    from equinox_ray.sim import ClusterSim, PoolSpec
+    from predictors.replay import RecordWriter
+
+    workload = traces.lmsys_arena()
+    mope, writer, done = MoPE(MODELS), RecordWriter(), []
+
+    def observe(completion):
+        done.append(completion)
+        writer(completion)
+
+    ClusterSim([PoolSpec("a100", "A100", 1, max_num_seqs=32)], VTC(predictor=mope), max_tokens_cap=1024,
+               on_completion=observe).run(workload)
+    by_arrival = sorted(range(len(writer.records)), key=lambda i: writer.records[i].arrival_s)
+    rows = dict(zip(by_arrival, record_features([writer.records[i] for i in by_arrival])))
+    predicted_with = [features for features, _ in mope.records]  # in finish order, as the writer's
+    assert len(predicted_with) == len(done) == len(workload.requests)
+    on_arrival = [i for i, c in enumerate(done) if c.record.granted == c.record.arrival]
+    assert len(on_arrival) > 500 and any(writer.records[i].running > 0 for i in on_arrival)
+    for i in on_arrival:
+        assert np.array_equal(rows[i], predicted_with[i]), writer.records[i]

@@ -8,7 +8,7 @@ import pytest
 
 from bench.__main__ import main as bench_main
 from bench.report import counter_bound, lightest_users, metrics
-from bench.scenarios import A10G_TO_A100, MIXED, SCENARIOS, compressed, pool
+from bench.scenarios import A10G_TO_A100, MIXED, SCENARIOS, pool
 from bench.suite import Run, run_scenario
 from equinox_ray.fairness import FCFS, VTC, Efficiency, Equinox, EquinoxWeights, MovingAveragePredictor, Request
 from equinox_ray.fairness.metrics import service_difference, windowed_service
@@ -60,7 +60,7 @@ def test_counter_gap_within_the_claimed_bound(overload_runs):
 
 
 def test_equinox_with_zero_weights_and_efficiency_off_runs_exactly_like_vtc_in_the_simulator():
-    workload = compressed(synthetic.poisson_short_long(duration=40.0), A10G_TO_A100)
+    workload = synthetic.poisson_short_long(duration=40.0).compressed(A10G_TO_A100)
     users = list(workload.users.values())
     vtc = ClusterSim(A100, VTC(users, predictor=MovingAveragePredictor())).run(workload)
     eq = ClusterSim(A100, Equinox(users, weights=EquinoxWeights(latency=0, resource=0),
@@ -109,7 +109,7 @@ def test_heterogeneous_cluster_equinox_dispatches_to_faster_gpus_and_cuts_ttft()
 
 
 def test_weighted_users_get_service_in_proportion_under_overload():
-    workload = compressed(synthetic.overload_weighted(duration=90.0), A10G_TO_A100)
+    workload = synthetic.overload_weighted(duration=90.0).compressed(A10G_TO_A100)
     result = ClusterSim(A100, VTC(list(workload.users.values()))).run(workload)
     ws = windowed_service(result.records, workload.users, 5.0)
     busy = ws.backlogged.all(axis=0)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from equinox_ray.fairness.pools import PoolFacts
+
 BYTES_BF16 = 2
 
 
@@ -101,6 +103,18 @@ class StepModel:
 
     def bytes_moved(self, attended_kv_tokens: int) -> float:
         return self.model.weight_bytes + self.model.kv_bytes_per_token * attended_kv_tokens
+
+    def nominal_facts(self, name: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                      cost_weight: float = 1.0, time_scale: float = 1.0) -> PoolFacts:
+        """A pool of replicas on this GPU, as the policy assumes it until measurements come: prefill tokens/s of a
+        full chunk; one sequence's decode tokens/s and the replica's tokens/s in a half-full batch."""
+        prefill = max_num_batched_tokens / self.step_time(max_num_batched_tokens,
+                                                         max_num_batched_tokens * (max_num_batched_tokens + 1) // 2,
+                                                         0, 0)
+        batch = max(1, max_num_seqs // 2)
+        decode = 1.0 / self.step_time(0, 0, batch, batch * 1024)
+        return PoolFacts(name, self.gpu.name, cost_weight, max_model_len, prefill * time_scale,
+                         decode * time_scale, batch * decode * time_scale)
 
     def step_time(self, prefill_tokens: int, prefill_context: int, decode_seqs: int, decode_context: int) -> float:
         """prefill_context: sum over prefill tokens of the positions they attend to; decode_context: sum of the

@@ -1,13 +1,21 @@
 """What the predictors may see: only what is known when a request is admitted, never its true output length.
 
-The schema is versioned; shipped models record it and a model trained on another schema is refused.
+The schema is versioned; shipped models record it and a model trained on another schema is refused. The pool's
+part of a row is `AdmissionState.of(view)`, of the very `PoolView` the policy decides on, in serving, in the
+simulator and in the trace replay that makes the training data: one definition of each feature everywhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from equinox_ray.fairness.pools import PoolView
+
+if TYPE_CHECKING:
+    from equinox_ray.mope.records import TrainingRecord
 
 SCHEMA_VERSION = 1
 FEATURES = ("prompt_tokens", "max_tokens", "user_mean_output", "user_mean_prompt", "user_requests", "gpu",
@@ -31,6 +39,21 @@ def gpu_code(gpu_type: str) -> float:
     return GPU_CODES.get(gpu_type, GPU_CODES["CPU"])
 
 
+@dataclass(frozen=True)
+class AdmissionState:
+    """A pool's state when a request is granted to it, as MoPE sees it."""
+
+    gpu: str
+    running: int
+    waiting: int  # in its replicas' engine queues
+    kv_usage: float  # the replicas' mean share of KV cache held, 0..1
+    window: int  # requests the pool takes at once now: its free slots plus those running
+
+    @classmethod
+    def of(cls, view: PoolView) -> "AdmissionState":
+        return cls(view.gpu_type, view.running, view.waiting, view.kv_usage, view.free_slots + view.running)
+
+
 @dataclass
 class UserHistory:
     """A user's past, as known at admission: request count and moving averages of lengths (VTC_predict's w=5)."""
@@ -50,13 +73,12 @@ class UserHistory:
         self.requests += 1
 
 
-def feature_row(prompt_tokens: int, max_tokens: int, history: UserHistory, gpu_type: str, running: float,
-                waiting: float, kv_usage: float, window: float) -> np.ndarray:
+def feature_row(prompt_tokens: int, max_tokens: int, history: UserHistory, pool: AdmissionState) -> np.ndarray:
     return np.array([prompt_tokens, max_tokens, history.mean_output, history.mean_prompt, history.requests,
-                     gpu_code(gpu_type), running, waiting, kv_usage, window], dtype=np.float32)
+                     gpu_code(pool.gpu), pool.running, pool.waiting, pool.kv_usage, pool.window], dtype=np.float32)
 
 
-def record_features(records: list[dict]) -> np.ndarray:
+def record_features(records: list[TrainingRecord]) -> np.ndarray:
     """Feature rows for records in arrival order. A user's history holds only requests that had *finished* before
     this one arrived, as it would at admission: nothing from the future leaks in."""
     import heapq
@@ -66,14 +88,13 @@ def record_features(records: list[dict]) -> np.ndarray:
     pending: list[tuple[float, int]] = []
     rows = []
     for i, r in enumerate(records):
-        while pending and pending[0][0] <= r["arrival_s"]:
+        while pending and pending[0][0] <= r.arrival_s:
             _, j = heapq.heappop(pending)
-            histories[records[j]["user"]].add(records[j]["prompt_tokens"], records[j]["output_tokens"])
-        rows.append(feature_row(r["prompt_tokens"], r["max_tokens"], histories[r["user"]], r["gpu"], r["running"],
-                                r["waiting"], r["kv_usage"], r["window"]))
-        heapq.heappush(pending, (r["finish_s"], i))
+            histories[records[j].user].add(records[j].prompt_tokens, records[j].output_tokens)
+        rows.append(feature_row(r.prompt_tokens, r.max_tokens, histories[r.user], r.admission))
+        heapq.heappush(pending, (r.finish_s, i))
     return np.stack(rows) if rows else np.zeros((0, len(FEATURES)), dtype=np.float32)
 
 
-def target_values(records: list[dict], target: str) -> np.ndarray:
-    return np.array([r[target] for r in records], dtype=np.float32)
+def target_values(records: list[TrainingRecord], target: str) -> np.ndarray:
+    return np.array([getattr(r, target) for r in records], dtype=np.float32)

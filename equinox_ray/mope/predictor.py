@@ -2,7 +2,8 @@
 
 The deterministic gate picks the expert by prompt-length band; the same request in the same pool state always gets
 the same prediction. Online, each completion corrects at once: a per-user ratio for output tokens and a per-pool
-ratio for latency (smoothed), applied on top of the experts. `refit()` retrains the experts from the records seen
+ratio for latency, each a smoothed estimate of measured over the experts' own (uncorrected) prediction, applied on
+top of the experts. `refit()` retrains the experts from the records seen
 so far and swaps them in whole; `start_refits()` runs it on a schedule in a background thread, so scheduling never
 waits for training. Without models (missing, or failing), it falls back to the moving-average predictor, says so
 in the log once, and counts it in `fallbacks`.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict, deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from equinox_ray.fairness.pools import PoolView
 from equinox_ray.fairness.prediction import MovingAveragePredictor, Outcome, Prediction
 from equinox_ray.fairness.request import Request
 from equinox_ray.mope import experts as experts_io
-from equinox_ray.mope.features import TARGETS, UserHistory, band_of, feature_row
+from equinox_ray.mope.features import TARGETS, AdmissionState, UserHistory, band_of, feature_row
 
 log = logging.getLogger("equinox.mope")
 CORRECTION_SMOOTHING = 0.2
@@ -37,7 +38,7 @@ class MoPE:
         self.output_ratio: dict[str, float] = {}
         self.latency_ratio: dict[str, float] = {}
         self.records: deque[tuple[np.ndarray, dict]] = deque(maxlen=MAX_RECORDS)  # what a refit learns from
-        self._pending: dict[str, dict[str, tuple[np.ndarray, Prediction]]] = {}
+        self._pending: dict[str, dict[str, _Made]] = {}  # request -> pool -> what was predicted there
         self._lock = threading.Lock()
         self._refit_thread: threading.Thread | None = None
         self.experts = experts
@@ -62,9 +63,9 @@ class MoPE:
         made = self._pending.pop(outcome.request_id, {}).get(outcome.pool)
         if made is None:
             return
-        features, predicted = made
-        self._correct(self.output_ratio, outcome.user, outcome.output_tokens, predicted.output_tokens)
-        self._correct(self.latency_ratio, outcome.pool, outcome.e2e_s, predicted.e2e_s)
+        features, predicted = made.features, made.prediction
+        self._correct(self.output_ratio, outcome.user, outcome.output_tokens, made.experts_output)
+        self._correct(self.latency_ratio, outcome.pool, outcome.e2e_s, made.experts_e2e)
         self.records.append((features, {"output_tokens": outcome.output_tokens, "ttft_s": outcome.ttft_s,
                                         "e2e_s": outcome.e2e_s, "throughput_tps": predicted.throughput_tps,
                                         "utilization": outcome.utilization if outcome.utilization is not None
@@ -93,8 +94,8 @@ class MoPE:
         if not experts:
             self.fallbacks += len(items)
             return [self.fallback.predict(request, pool) for request, pool in items]
-        X = np.stack([feature_row(r.prompt_tokens, r.max_tokens, self.history[r.user], p.gpu_type, p.running,
-                                  p.waiting, p.kv_usage, p.free_slots + p.running) for r, p in items])
+        X = np.stack([feature_row(r.prompt_tokens, r.max_tokens, self.history[r.user], AdmissionState.of(p))
+                      for r, p in items])
         try:
             raw = experts_io.predict(experts, X)
         except Exception:
@@ -113,7 +114,8 @@ class MoPE:
                 throughput_tps=max(columns["throughput_tps"][i], 1.0),
                 utilization=_clip(columns["utilization"][i], 0.0, 1.0),
                 source=f"mope:{band_of(request.prompt_tokens)}")
-            self._pending.setdefault(request.id, {})[pool.name] = (X[i], prediction)
+            made = _Made(X[i], prediction, columns["output_tokens"][i], columns["e2e_s"][i])
+            self._pending.setdefault(request.id, {})[pool.name] = made
             out.append(prediction)
         return out
 
@@ -155,6 +157,14 @@ class MoPE:
         thread.start()
         self._refit_thread = thread
         return thread
+
+
+@dataclass(frozen=True)
+class _Made:
+    features: np.ndarray
+    prediction: Prediction
+    experts_output: float  # the experts' output tokens and e2e before the online corrections
+    experts_e2e: float
 
 
 def _clip(value: float, low: float, high: float) -> float:

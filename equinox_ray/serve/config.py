@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from equinox_ray.engines.sim_engine import SimEngineConfig
 from equinox_ray.engines.vllm_engine import VLLMEngineConfig
 from equinox_ray.fairness.equinox import Efficiency, EquinoxWeights
+from equinox_ray.fairness.pools import PoolFacts
 from equinox_ray.serve.keys import KeyRef
 from equinox_ray.telemetry.config import TelemetryConfig
 
@@ -128,6 +129,15 @@ class PoolConfig(Strict):
     def max_model_len(self) -> int:
         return self.vllm.max_model_len if self.engine == "vllm" else self.sim.max_model_len
 
+    def facts(self) -> PoolFacts:
+        """A simulated pool's nominal speeds come from its GPU's step model (at its time scale); a vLLM pool's are
+        the defaults until its replicas report measured ones (only decode speed is measured)."""
+        if self.engine == "sim":
+            batch = min(self.admission.max_window, self.sim.max_num_seqs)
+            return self.sim.step_model().nominal_facts(self.name, batch, self.sim.max_num_batched_tokens,
+                                                       self.max_model_len, self.cost_weight, self.sim.time_scale)
+        return PoolFacts(self.name, self.gpu_type, self.cost_weight, self.max_model_len)
+
     @property
     def seeded_sampling_crashes(self) -> bool:
         """vLLM built for the CPU kills its engine on a seeded request (temperature > 0) whose prefill is split
@@ -196,7 +206,7 @@ class AppConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     report_interval_s: float = Field(0.5, gt=0, le=1.0)
     records_path: str | None = Field(None, description="append a JSONL completion record per finished request "
-                                                       "(predictors/records.py), to train MoPE on")
+                                                       "(equinox_ray/mope/records.py), to train MoPE on")
     telemetry: TelemetryConfig = TelemetryConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Callable
 
 from equinox_ray.engines.replica import ReplicaReport
-from equinox_ray.fairness import Outcome, PoolView, Request, User
+from equinox_ray.fairness import Outcome, Request, User
 from equinox_ray.fairness.live import PredictionError, SlidingService
 from equinox_ray.fairness.pools import fitting_pools
 from equinox_ray.serve.checkpoint import Checkpoint, UsageTotals
@@ -153,7 +153,7 @@ class FairnessController:
         s.e2e_s.append(queue_wait + e2e)
         for observe in self.ttft_observers:
             observe(request.user, queue_wait + ttft)
-        if self.records is not None and tracked.pool_at_grant is not None:
+        if self.records is not None and tracked.admission is not None:
             self.records.write(tracked, self.pools[request.pool], output, ttft, e2e, self.now())
 
     def withdraw(self, request_id: str) -> None:
@@ -338,12 +338,11 @@ class FairnessController:
             request = decision.request
             tracked, pool = self.tracked[request.id], self.pools[decision.pool]
             replica_name = pool.pick_replica()
-            if self.records is not None:
-                tracked.pool_at_grant = CompletionRecords.at_grant(pool)
             pool.replicas[replica_name].running += 1
             pool.granted += 1
             self.version += 1  # a grant charged its user
             tracked.granted_at, tracked.replica, tracked.prediction = self.now(), replica_name, decision.prediction
+            tracked.admission = views[decision.pool]
             ingress = tracked.dispatch.ingress
             self.to_replica.put(replica_name, tracked.dispatch)
             self.to_ingress.put(ingress, Grant(request.id, decision.pool, replica_name,
@@ -379,7 +378,7 @@ class FairnessController:
 
     def _count_backlog(self) -> dict[str, int]:
         views = [p.view() for p in self.pools.values()]
-        open_views = [PoolView(**{**v.__dict__, "free_slots": max(v.free_slots, 1)}) for v in views]
+        open_views = [replace(v, free_slots=max(v.free_slots, 1)) for v in views]
         counts = {name: 0 for name in self.pools}
         for request in self.policy.queues.waiting():
             candidates = fitting_pools(request.kv_demand, open_views)

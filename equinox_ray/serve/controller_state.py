@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from equinox_ray.engines.replica import ReplicaReport
-from equinox_ray.fairness import PoolView, Prediction, Request
+from equinox_ray.fairness import PoolFacts, PoolView, Prediction, ReplicaObservation, Request, pool_view
 from equinox_ray.serve.checkpoint import UsageTotals
 from equinox_ray.serve.config import PoolConfig
 from equinox_ray.serve.protocol import Dispatch
@@ -23,7 +23,7 @@ class Tracked:
     granted_at: float | None = None
     replica: str | None = None
     prediction: Prediction | None = None
-    pool_at_grant: dict | None = None  # the pool's state at the grant, for completion records
+    admission: PoolView | None = None  # its pool as the policy saw it at the grant
 
 
 @dataclass
@@ -44,6 +44,13 @@ class ReplicaState:
     def free_slots(self) -> int:
         return max(0, self.window - self.running) if self.routable and self.lost_at is None and self.healthy else 0
 
+    def observation(self) -> ReplicaObservation:
+        r = self.report
+        if r is None:
+            return ReplicaObservation(self.free_slots, self.running)
+        return ReplicaObservation(self.free_slots, self.running, r.stats.waiting, r.stats.kv_cache_usage,
+                                  r.stats.tokens_per_s, r.stats.utilization, r.tpot_s)
+
 
 @dataclass
 class PoolState:
@@ -51,6 +58,10 @@ class PoolState:
     replicas: dict[str, ReplicaState] = field(default_factory=dict)
     routable: set[str] = field(default_factory=set)  # as Serve last said, connected or not
     granted: int = 0
+    facts: PoolFacts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.facts = self.config.facts()
 
     @property
     def running(self) -> int:
@@ -60,20 +71,7 @@ class PoolState:
         return sum(r.window for r in self.replicas.values())
 
     def view(self) -> PoolView:
-        """Per-replica measured speeds (nominal until the first reports), the pool's free slots and context."""
-        reports = [r.report for r in self.replicas.values() if r.report is not None]
-        n = max(len(reports), 1)
-        throughput = sum(r.stats.tokens_per_s for r in reports) / n or 1000.0
-        utilization = sum(r.stats.utilization for r in reports) / n if reports else 1.0
-        tpots = [r.tpot_s for r in reports if r.tpot_s]
-        c = self.config
-        return PoolView(name=c.name, gpu_type=c.gpu_type,
-                        free_slots=sum(r.free_slots for r in self.replicas.values()), running=self.running,
-                        waiting=sum(r.stats.waiting for r in reports), throughput_tps=throughput,
-                        utilization=max(utilization, 0.05),
-                        decode_tps=1.0 / (sum(tpots) / len(tpots)) if tpots else 50.0, cost_weight=c.cost_weight,
-                        kv_usage=sum(r.stats.kv_cache_usage for r in reports) / n,
-                        max_request_tokens=c.max_model_len)
+        return pool_view(self.facts, [r.observation() for r in self.replicas.values()])
 
     def pick_replica(self) -> str:
         """The replica with the most free slots (ties: the first by name, so choices are deterministic)."""

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 from equinox_ray.fairness.metrics import CompletionRecord
 from equinox_ray.fairness.fcfs import FCFS
 from equinox_ray.fairness.policy import Policy
-from equinox_ray.fairness.pools import PoolView
+from equinox_ray.fairness.pools import PoolView, pool_view
 from equinox_ray.fairness.prediction import Outcome
 from equinox_ray.fairness.request import Request
 from equinox_ray.sim.replica import PoolSpec, SimReplica
@@ -32,7 +32,18 @@ class _Live:
     output_tokens: int  # the truth, for the replica
     replica: SimReplica
     granted: float
+    admission: PoolView  # the pool as the policy saw it when it granted the request
     first_token: float | None = None
+
+
+@dataclass(frozen=True)
+class SimCompletion:
+    """What an observer of the run is told when a request finishes."""
+
+    request: Request
+    record: CompletionRecord
+    admission: PoolView  # its pool as the policy saw it at the grant
+    at_finish: PoolView  # its pool when it finished
 
 
 @dataclass
@@ -63,6 +74,7 @@ class ClusterSim:
     max_tokens_cap: int | None = None  # the client's max_tokens; None: the true length, as the VTC artifact does
     gap_sample_s: float = 1.0
     stats_window_s: float = 5.0
+    on_completion: Callable[[SimCompletion], None] | None = None  # e.g. a writer of MoPE's training records
     _replicas: dict[str, list[SimReplica]] = field(init=False, default_factory=dict)
     _ran: bool = field(init=False, default=False)
 
@@ -72,7 +84,7 @@ class ClusterSim:
             raise ValueError(f"pools need distinct names, got {names}")
         self._replicas = {p.name: [SimReplica(f"{p.name}-{i}", p, self.stats_window_s) for i in range(p.replicas)]
                           for p in self.pools}
-        self._nominal = {p.name: _nominal_speeds(self._replicas[p.name][0]) for p in self.pools}
+        self._facts = {p.name: p.facts() for p in self.pools}
         self._counted = not isinstance(self.policy, FCFS)  # FCFS orders by arrival: it has no counters
 
     # -- the run ----------------------------------------------------------------------------------------------
@@ -138,7 +150,8 @@ class ClusterSim:
         self._sample_counters(now)
         kicked: list[SimReplica] = []
         while True:
-            grant = self.policy.schedule([self._view(p) for p in self.pools], now)
+            views = [self._view(p.name) for p in self.pools]
+            grant = self.policy.schedule(views, now)
             if grant is None:
                 break
             request = grant.request
@@ -147,7 +160,8 @@ class ClusterSim:
             replica = self._pick_replica(grant.pool, request)
             output = self._truth.pop(request.id)
             replica.add(request.id, request.prompt_tokens, output)
-            self._live[request.id] = _Live(request, output, replica, now)
+            admission = next(v for v in views if v.name == grant.pool)
+            self._live[request.id] = _Live(request, output, replica, now, admission)
             if replica.stepping is None and replica not in kicked:
                 kicked.append(replica)
         for replica in kicked:
@@ -158,27 +172,8 @@ class ClusterSim:
         fitting = [r for r in self._replicas[pool] if r.free_slots and r.free_kv_tokens >= demand]
         return min(fitting, key=lambda r: (r.in_flight, -r.free_kv_tokens))
 
-    def _view(self, spec: PoolSpec) -> PoolView:
-        replicas = self._replicas[spec.name]
-        open_replicas = [r for r in replicas if r.free_slots]
-        n = len(replicas)
-        rates = [r.last_rates for r in replicas]
-        prefill_tps, decode_tps = self._nominal[spec.name]
-        tpots = [r.tpot_s for r in replicas if r.tpot_s]
-        measured_tps = sum(t for t, _, _ in rates) / n
-        return PoolView(
-            name=spec.name, gpu_type=spec.gpu,
-            free_slots=sum(r.free_slots for r in open_replicas),
-            free_kv_tokens=max((r.free_kv_tokens for r in open_replicas), default=0),
-            running=sum(r.in_flight for r in replicas),
-            waiting=sum(len(r.batcher.waiting) for r in replicas),
-            kv_usage=sum(r.kv_promised / r.batcher.kv_capacity for r in replicas) / n,
-            throughput_tps=measured_tps or prefill_tps / 4,
-            utilization=max(sum(u for _, _, u in rates) / n, 0.05),
-            prefill_tps=prefill_tps,
-            decode_tps=1.0 / (sum(tpots) / len(tpots)) if tpots else decode_tps,
-            cost_weight=spec.cost_weight,
-            max_request_tokens=spec.max_model_len)
+    def _view(self, pool: str) -> PoolView:
+        return pool_view(self._facts[pool], [r.observation() for r in self._replicas[pool]])
 
     # -- engine steps -----------------------------------------------------------------------------------------
     def _start_step(self, replica: SimReplica, now: float) -> None:
@@ -209,9 +204,11 @@ class ClusterSim:
         busy = replica.finished(request.id, request.prompt_tokens, live.output_tokens, ttft, e2e)
         self.policy.finish(Outcome(request.id, request.user, replica.spec.name, request.prompt_tokens,
                                    live.output_tokens, ttft, e2e, busy, replica.last_rates[2]), now)
-        self._records.append(CompletionRecord(request.id, request.user, request.arrival, live.granted,
-                                              live.first_token, now, request.prompt_tokens, live.output_tokens,
-                                              replica.spec.name))
+        record = CompletionRecord(request.id, request.user, request.arrival, live.granted, live.first_token, now,
+                                  request.prompt_tokens, live.output_tokens, replica.spec.name)
+        self._records.append(record)
+        if self.on_completion is not None:
+            self.on_completion(SimCompletion(request, record, live.admission, self._view(replica.spec.name)))
 
     def _sample_counters(self, now: float) -> None:
         if now < self._next_sample or not self._counted:
@@ -224,11 +221,3 @@ class ClusterSim:
         gap = max(keys) - min(keys)
         self._gap = gap if self._gap is None else max(self._gap, gap)
 
-
-def _nominal_speeds(replica: SimReplica) -> tuple[float, float]:
-    """(prefill tokens/s of a full chunk, decode tokens/s of one sequence in a half-full batch) from the step model."""
-    model, budget = replica.step_model, replica.spec.max_num_batched_tokens
-    prefill = budget / model.step_time(budget, budget * (budget + 1) // 2, 0, 0)
-    batch = max(1, replica.spec.max_num_seqs // 2)
-    decode = 1.0 / model.step_time(0, 0, batch, batch * 1024)
-    return prefill, decode

@@ -1,16 +1,17 @@
 """One simulated GPU replica in the cluster simulator: the same `SimBatcher` the real-time `SimEngine` runs, stepped
 under the simulator's virtual clock, with the measurements a real replica reports (windowed throughput and busy
-fraction, mean time per output token, per-request busy-seconds)."""
+fraction, mean time per output token, per-request busy-seconds), observed as the Serve controller observes a
+replica's report."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from equinox_ray.engines.admission import AdmissionWindow
 from equinox_ray.engines.busy_tracker import BusyTracker
 from equinox_ray.engines.gpu_profiles import StepModel
 from equinox_ray.engines.sim_batcher import SimBatcher, SimSequence, StepResult
-
-TPOT_SMOOTHING = 0.1
+from equinox_ray.fairness.pools import PoolFacts, ReplicaObservation
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class PoolSpec:
             raise ValueError(f"pool {self.name!r}: replicas must be >= 1")
         StepModel.of(self.gpu, self.model)  # unknown GPU or model, or a model that does not fit: fail now
 
+    def facts(self) -> PoolFacts:
+        return StepModel.of(self.gpu, self.model).nominal_facts(self.name, self.max_num_seqs,
+                                                                self.max_num_batched_tokens, self.max_model_len,
+                                                                self.cost_weight)
+
 
 class SimReplica:
     def __init__(self, name: str, spec: PoolSpec, stats_window_s: float = 5.0) -> None:
@@ -43,7 +49,7 @@ class SimReplica:
         self.kv_promised = 0  # KV tokens of the requests sent to this replica and not yet finished
         self.stepping: StepResult | None = None  # the step in progress, applied when it ends
         self.busy_seconds = 0.0
-        self.tpot_s: float | None = None
+        self.window = AdmissionWindow(maximum=spec.max_num_seqs)  # fixed size; it measures TPOT as a real replica's does
         self.last_rates = (0.0, 0.0, 0.0)  # (tokens/s, output tokens/s, busy fraction) at the last step's end
 
     @property
@@ -53,6 +59,13 @@ class SimReplica:
     @property
     def free_kv_tokens(self) -> int:
         return self.batcher.kv_capacity - self.kv_promised
+
+    def observation(self) -> ReplicaObservation:
+        tokens_per_s, _, busy = self.last_rates
+        return ReplicaObservation(free_slots=self.free_slots, running=self.in_flight,
+                                  waiting=len(self.batcher.waiting), kv_usage=self.batcher.kv_usage,
+                                  tokens_per_s=tokens_per_s, utilization=busy, tpot_s=self.window.tpot_s,
+                                  free_kv_tokens=self.free_kv_tokens)
 
     def add(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None:
         self.batcher.add(SimSequence(request_id, prompt_tokens, output_tokens))
@@ -75,7 +88,5 @@ class SimReplica:
         """Release the request and return its busy-seconds."""
         self.in_flight -= 1
         self.kv_promised -= prompt_tokens + output_tokens
-        if output_tokens > 1:
-            tpot = (e2e_s - ttft_s) / (output_tokens - 1)
-            self.tpot_s = tpot if self.tpot_s is None else self.tpot_s + TPOT_SMOOTHING * (tpot - self.tpot_s)
+        self.window.observe(output_tokens, ttft_s, e2e_s)
         return self.tracker.pop_request(request_id)

@@ -31,6 +31,12 @@ class Workload:
     def duration_s(self) -> float:
         return self.requests[-1].arrival_s if self.requests else 0.0
 
+    def compressed(self, factor: float, name: str | None = None) -> "Workload":
+        """The same requests arriving `factor` times sooner (a factor under 1 spreads them out)."""
+        requests = [TraceRequest(r.arrival_s / factor, r.user, r.prompt_tokens, r.output_tokens)
+                    for r in self.requests]
+        return Workload(name or self.name, self.users, requests)
+
     def scheduler_request(self, index: int, max_tokens_cap: int | None = None) -> Request:
         """The request as the scheduler sees it: the client's cap, never the true output length.
 
