@@ -1,6 +1,8 @@
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from equinox_ray.engines.admission import AdmissionWindow
 from equinox_ray.engines.gpu_profiles import StepModel
@@ -64,6 +66,26 @@ async def collect(engine, request):
 
 def fast_config(**kw):
     return SimEngineConfig(gpu="A100", model="Llama-2-7B", time_scale=50.0, **kw)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3000), st.integers(1, 300)), min_size=1, max_size=40),
+       st.lists(st.integers(0, 39), max_size=5))
+def test_the_kv_cache_the_batcher_reports_is_what_its_running_sequences_hold(sequences, aborted):
+    """KV use is counted as steps run (the simulator reads it on every decision); it must equal the sum over
+    running sequences of their prefilled and generated tokens, through finishes and aborts."""
+    batcher = SimBatcher(StepModel.of("A100", "Llama-2-7B"), max_num_seqs=8, max_num_batched_tokens=512)
+    for i, (prompt, output) in enumerate(sequences):
+        batcher.add(SimSequence(f"s{i}", prompt, output))
+    steps = 0
+    while batcher.has_work():
+        batcher.step()
+        steps += 1
+        if steps in aborted:
+            batcher.abort(f"s{steps}")
+        held = sum(s.prefilled + s.generated for s in batcher.running)
+        assert batcher.kv_used == held and batcher.kv_usage == held / batcher.kv_capacity
+    assert batcher.kv_used == 0
 
 
 def test_sim_engine_streams_concurrent_requests_to_completion():

@@ -54,6 +54,7 @@ class SimBatcher:
         self.waiting: deque[SimSequence] = deque()
         self.running: list[SimSequence] = []
         self.kv_reserved = 0
+        self.kv_used = 0  # KV tokens the running sequences hold now: sum of prefilled + generated
 
     def add(self, seq: SimSequence) -> None:
         if seq.kv_reservation > self.kv_capacity:
@@ -66,6 +67,7 @@ class SimBatcher:
             if seq.id == seq_id:
                 del self.running[i]
                 self.kv_reserved -= seq.kv_reservation
+                self.kv_used -= seq.prefilled + seq.generated
                 return True
         for seq in self.waiting:
             if seq.id == seq_id:
@@ -78,8 +80,7 @@ class SimBatcher:
 
     @property
     def kv_usage(self) -> float:
-        used = sum(s.prefilled + s.generated for s in self.running)
-        return used / self.kv_capacity
+        return self.kv_used / self.kv_capacity
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -120,6 +121,7 @@ class SimBatcher:
 
     def _emit(self, result: StepResult) -> None:
         by_id = {s.id: s for s in self.running}
+        self.kv_used += result.prefill_tokens + len(result.emitted)
         for seq_id in result.emitted:
             seq = by_id[seq_id]
             seq.generated += 1
@@ -130,4 +132,5 @@ class SimBatcher:
             for seq in self.running:
                 if seq.id in done:
                     self.kv_reserved -= seq.kv_reservation
+                    self.kv_used -= seq.prefilled + seq.generated
             self.running = [s for s in self.running if s.id not in done]

@@ -9,7 +9,6 @@ benchmark is what we serve.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from statistics import fmean
 from typing import Callable, Sequence
 
 
@@ -84,6 +83,7 @@ class ReplicaObservation:
 
 def pool_view(facts: PoolFacts, replicas: Sequence[ReplicaObservation]) -> PoolView:
     """The policy's view of a pool: capacity summed over its replicas, measurements averaged per replica."""
+    n = len(replicas) or 1
     measured = [r for r in replicas if r.tokens_per_s is not None]
     open_replicas = [r for r in replicas if r.free_slots] or replicas  # a full pool: what frees first is unknown
     tpots = [r.tpot_s for r in replicas if r.tpot_s]
@@ -93,10 +93,14 @@ def pool_view(facts: PoolFacts, replicas: Sequence[ReplicaObservation]) -> PoolV
         free_kv_tokens=max((r.free_kv_tokens for r in open_replicas), default=0),
         running=sum(r.running for r in replicas),
         waiting=sum(r.waiting for r in replicas),
-        kv_usage=fmean(r.kv_usage for r in replicas) if replicas else 0.0,
-        throughput_tps=(fmean(r.tokens_per_s for r in measured) if measured else 0.0) or facts.throughput_tps,
-        utilization=max(fmean(r.utilization or 0.0 for r in measured), MIN_UTILIZATION) if measured else 1.0,
+        kv_usage=sum(r.kv_usage for r in replicas) / n,
+        throughput_tps=(_mean([r.tokens_per_s for r in measured]) if measured else 0.0) or facts.throughput_tps,
+        utilization=max(_mean([r.utilization or 0.0 for r in measured]), MIN_UTILIZATION) if measured else 1.0,
         prefill_tps=facts.prefill_tps,
-        decode_tps=1.0 / fmean(tpots) if tpots else facts.decode_tps,
+        decode_tps=1.0 / _mean(tpots) if tpots else facts.decode_tps,
         cost_weight=facts.cost_weight,
         max_request_tokens=facts.max_request_tokens)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

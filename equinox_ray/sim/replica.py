@@ -50,6 +50,7 @@ class SimReplica:
         self.stepping: StepResult | None = None  # the step in progress, applied when it ends
         self.busy_seconds = 0.0
         self.window = AdmissionWindow(maximum=spec.max_num_seqs)  # fixed size; it measures TPOT as a real replica's does
+        self._observed: ReplicaObservation | None = None  # until the replica changes
         self.last_rates = (0.0, 0.0, 0.0)  # (tokens/s, output tokens/s, busy fraction) at the last step's end
 
     @property
@@ -61,6 +62,11 @@ class SimReplica:
         return self.batcher.kv_capacity - self.kv_promised
 
     def observation(self) -> ReplicaObservation:
+        if self._observed is None:
+            self._observed = self._observe()
+        return self._observed
+
+    def _observe(self) -> ReplicaObservation:
         tokens_per_s, _, busy = self.last_rates
         return ReplicaObservation(free_slots=self.free_slots, running=self.in_flight,
                                   waiting=len(self.batcher.waiting), kv_usage=self.batcher.kv_usage,
@@ -69,16 +75,19 @@ class SimReplica:
 
     def add(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None:
         self.batcher.add(SimSequence(request_id, prompt_tokens, output_tokens))
+        self._observed = None
         self.in_flight += 1
         self.kv_promised += prompt_tokens + output_tokens
 
     def start_step(self) -> float:
         """Run the next step's scheduling now and return its duration; its tokens appear when it ends."""
         self.stepping = self.batcher.step()
+        self._observed = None
         return self.stepping.duration
 
     def end_step(self, now: float) -> StepResult:
         step, self.stepping = self.stepping, None
+        self._observed = None
         self.tracker.record_step(now, step.duration, step.tokens, step.decode_tokens)
         self.busy_seconds += step.duration
         self.last_rates = self.tracker.rates(now)
@@ -88,5 +97,6 @@ class SimReplica:
         """Release the request and return its busy-seconds."""
         self.in_flight -= 1
         self.kv_promised -= prompt_tokens + output_tokens
+        self._observed = None
         self.window.observe(output_tokens, ttft_s, e2e_s)
         return self.tracker.pop_request(request_id)
