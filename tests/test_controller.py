@@ -177,7 +177,9 @@ def test_the_serving_path_writes_completion_records_that_training_reads(tmp_path
     from equinox_ray.mope.features import record_features
 
     path = tmp_path / "records.jsonl"
-    ctl = controller(config(name="equinox").model_copy(update={"records_path": str(path)}))
+    cfg = config(name="equinox")
+    telemetry = cfg.telemetry.model_copy(update={"prediction_sample_s": 0.0})  # predict every request
+    ctl = controller(cfg.model_copy(update={"records_path": str(path), "telemetry": telemetry}))
     report(ctl, "h100", "h0", tpot_s=0.01)
     for i in range(3):
         submit(ctl, f"r{i}", "a", 40 + i, 20)
@@ -193,6 +195,26 @@ def test_the_serving_path_writes_completion_records_that_training_reads(tmp_path
     assert type(predictor).__name__ == "MoPE" and predictor.experts  # the shipped models were loaded
     predicted_with = np.stack([features for features, _ in predictor.records])
     assert np.array_equal(record_features(rows), predicted_with)
+
+
+def test_requests_no_decision_needs_a_prediction_for_are_predicted_in_a_sample():
+    """Equinox pairing two GPU types decides without MoPE: the controller predicts the requests of one update per
+    `telemetry.prediction_sample_s` (for the prediction-error metrics), not every update's."""
+    from equinox_ray.serve.controller import FairnessController
+
+    now = [0.0]
+    ctl = FairnessController(config(name="equinox"), clock=lambda: now[0])
+    for pool, name in (("h100", "h0"), ("l4", "l0")):
+        ctl.replica_connected(ReplicaHello(pool, name, 2))
+        ctl.set_routable(pool, {name})
+    predicted = []
+    ctl.policy.predictor.predict_batch = lambda items: predicted.extend(r.id for r, _ in items) or [
+        ctl.policy.predictor.fallback.predict(r, p) for r, p in items]
+    for i, at in enumerate((0.0, 0.05, 0.09, 0.11, 0.15)):
+        now[0] = at
+        submit(ctl, f"r{i}", "a")
+        finish(ctl, f"r{i}")
+    assert sorted(set(predicted)) == ["r0", "r3"]
 
 
 def test_a_simulated_pools_view_starts_from_its_gpus_step_model_as_the_simulators_does():

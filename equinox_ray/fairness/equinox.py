@@ -195,7 +195,7 @@ class Equinox(VTC):
 
     def _prediction(self, request: Request, pool: PoolView) -> Prediction | None:
         """A new prediction where a charge or a counter uses it. Otherwise only one already made rides along, for
-        the prediction-error telemetry (the Serve controller predicts every queued request in one batch): an
+        the prediction-error telemetry (the Serve controller predicts a sample of queued requests in batches): an
         experts call per grant is most of a decision's cost."""
         if self.prepaid_output or self.weights.latency > 0 or self.weights.resource > 0:
             return self.predict(request, pool)

@@ -73,7 +73,8 @@ class VTC(Policy):
 
     def prepare(self, requests: Sequence[Request], pools: Sequence[PoolView]) -> None:
         """Predict each new request on every pool whose context it fits, in one batch (one call into the experts
-        for a whole controller update). The grant uses these predictions, made when the request was queued."""
+        for a whole controller update). A grant uses these predictions, made when the request was queued; a
+        request not prepared is predicted when a decision first needs it."""
         if self.predictor is None:
             return
         self._predict_all(requests, pools)

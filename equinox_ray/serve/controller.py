@@ -65,6 +65,7 @@ class FairnessController:
         self.records = CompletionRecords(config.records_path) if config.records_path else None
         self._backlog: tuple[float, dict[str, int]] | None = None  # (when, counts): see backlog()
         self.version = 0  # grows with every change a checkpoint would hold: a batch applied, a grant made
+        self._next_prediction_sample = 0.0
 
     def now(self) -> float:
         return self.clock() - self._t0
@@ -78,7 +79,7 @@ class FairnessController:
         for replica in batch.lost:
             self.replica_unreachable(replica)
         queued = [request for s in batch.submissions if (request := self._submit(batch.ingress, s)) is not None]
-        if queued:
+        if queued and self._sample_predictions():
             self.policy.prepare(queued, [p.view() for p in self.pools.values()])
         for request_id, tokens in batch.progress.items():
             self.policy.on_tokens(request_id, tokens)
@@ -89,6 +90,17 @@ class FairnessController:
         for user, refused in batch.refused.items():
             self.stats[user].rejected += refused
         self._dispatch()
+
+    def _sample_predictions(self) -> bool:
+        """Whether to predict the requests of this update now. A decision that needs a prediction (a pool choice,
+        a prepaid charge) makes it when it needs it, in a batch with other waiting requests; predicting the rest
+        only feeds the prediction-error metrics and MoPE's online corrections, and an experts call per update was a
+        third of the controller's CPU under load, so those learn from a sample."""
+        now = self.now()
+        if now < self._next_prediction_sample:
+            return False
+        self._next_prediction_sample = now + self.config.telemetry.prediction_sample_s
+        return True
 
     def _submit(self, ingress: str, submission: Submission) -> Request | None:
         user, generation = submission.user, submission.generation

@@ -21,3 +21,7 @@ class TelemetryConfig(BaseModel):
     sampling_ratio: float = Field(1.0, ge=0.0, le=1.0, description="share of traces kept (Serve's default is 0.01)")
     service_name: str = "equinox-ray"
     max_user_labels: int = Field(20, ge=1, description="users with their own Prometheus label; the rest are 'other'")
+    prediction_sample_s: float = Field(
+        0.1, ge=0, description="the controller predicts the requests of at most one update per this many seconds "
+                               "for the prediction-error metrics and MoPE's online corrections; a decision that needs "
+                               "a prediction makes it anyway. 0: every request")
