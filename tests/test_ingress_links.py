@@ -106,3 +106,68 @@ def test_a_request_its_replicas_dead_engine_could_not_start_is_queued_once_more_
         assert [s.request_id for b in controller.batches for s in b.submissions] == ["r1", "r1-retry"]
 
     with_link(scenario)
+
+
+def _inflight_with(chunks: list[TokenChunk]):
+    from equinox_ray.serve.ingress_links import Inflight
+
+    inflight = Inflight(Submission("u", GenerationRequest("r", 8, prompt_token_ids=[1, 2])), asyncio.Future())
+    for chunk in chunks:
+        inflight.chunks.put_nowait(chunk)
+    return inflight
+
+
+def _trace():
+    from opentelemetry import trace
+
+    from equinox_ray.telemetry.spans import RequestTrace
+
+    return RequestTrace(trace.NoOpTracer(), request_id="r", operation="text_completion", model="m", user="u",
+                        weight=None, policy="vtc", prompt_tokens=2, max_tokens=8)
+
+
+def test_a_stream_that_fell_behind_catches_up_in_one_write_with_every_event():
+    """Chunks that arrived while the last write was on its way go out in one write, one SSE event each, and the
+    last write carries the usage event and [DONE]: same events as one write per chunk, fewer trips through ASGI."""
+    import json
+
+    from equinox_ray.serve.answers import chunk_groups, sse_events
+    from equinox_ray.serve.openai_protocol import StreamOptions
+
+    first = TokenChunk("r", [5], "a")
+    rest = [TokenChunk("r", [6, 7], "bc"),
+            TokenChunk("r", [8], "d", finish_reason="length", usage=Usage(2, 4, 0.1, 0.2, 0.1))]
+
+    async def writes(chunks_later: list[TokenChunk]):
+        inflight = _inflight_with([])
+        groups = chunk_groups(inflight, first, _trace(), withdraw=lambda rid: None)
+        out = []
+        async for write in sse_events(groups, "r", "m", False, StreamOptions(include_usage=True), 2):
+            out.append(write)
+            for chunk in chunks_later:
+                inflight.chunks.put_nowait(chunk)
+            chunks_later = []
+        return out
+
+    out = asyncio.run(writes(rest))
+    assert len(out) == 2  # the first chunk alone, then everything that came meanwhile
+    events = [e for write in out for e in write.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    bodies = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert "".join(b["choices"][0]["text"] for b in bodies[:-1]) == "abcd"
+    assert bodies[-1]["usage"]["completion_tokens"] == 4 and bodies[-1]["choices"] == []
+
+
+def test_a_client_gone_mid_stream_withdraws_its_request_once():
+    from equinox_ray.serve.answers import chunk_groups
+
+    withdrawn = []
+
+    async def main():
+        inflight = _inflight_with([TokenChunk("r", [6], "b")])
+        groups = chunk_groups(inflight, TokenChunk("r", [5], "a"), _trace(), withdraw=withdrawn.append)
+        assert [c.text for c in await groups.__anext__()] == ["a", "b"]
+        await groups.aclose()  # the client went away before the last chunk
+
+    asyncio.run(main())
+    assert withdrawn == ["r"]

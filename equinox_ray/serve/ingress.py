@@ -21,13 +21,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from equinox_ray.engines.types import GenerationRequest, TokenChunk
+from equinox_ray.serve.answers import chunk_groups, collect, sse_events
 from equinox_ray.serve.config import AppConfig, PolicyConfig
 from equinox_ray.serve.http_io import bearer, check_change, engine_failure, parse, refusal, retry_after
 from equinox_ray.serve.ingress_links import ControllerLink, Inflight, PoolChannels, Refused
 from equinox_ray.serve.keys import digest, new_key
-from equinox_ray.serve.openai_protocol import (
-    APIError, ChatRequest, CompletionRequest, StreamOptions, chunk_body, completion_body, logprobs_body, sse, usage,
-)
+from equinox_ray.serve.openai_protocol import APIError, ChatRequest, CompletionRequest
 from equinox_ray.serve.protocol import Submission
 from equinox_ray.serve.tokenizer import Tokenizer
 from equinox_ray.serve.users import ChangeRefused, KeyRotation, NewUser, UserTable, WeightChange
@@ -297,11 +296,11 @@ class EquinoxIngress:
         if first.finish_reason == "error":
             span.finished(first)
             raise engine_failure(first)
-        chunks = self._chunks(inflight, first, span)
+        groups = chunk_groups(inflight, first, span, self.link.withdraw)
         if body.stream:
-            return StreamingResponse(self._sse(chunks, rid, chat, body.stream_options, len(ids)),
+            return StreamingResponse(sse_events(groups, rid, self.model, chat, body.stream_options, len(ids)),
                                      media_type="text/event-stream")
-        return await self._collect(chunks, rid, chat)
+        return await collect(groups, rid, self.model, chat)
 
     def _admit(self, body, ids: list[int], max_tokens: int) -> None:
         """Refuse, before it queues, what this server cannot run."""
@@ -337,54 +336,3 @@ class EquinoxIngress:
     @staticmethod
     async def _next(inflight: Inflight) -> TokenChunk:
         return await inflight.chunks.get()
-
-    async def _chunks(self, inflight: Inflight, first: TokenChunk, span: RequestTrace):
-        """The request's chunks to its last; if the client goes away first, the request is withdrawn."""
-        chunk = first
-        try:
-            while True:
-                yield chunk
-                if chunk.last:
-                    return
-                chunk = await inflight.chunks.get()
-        finally:
-            if not chunk.last:
-                self.link.withdraw(inflight.submission.request_id)
-            span.finished(chunk)
-
-    async def _collect(self, chunks, rid: str, chat: bool) -> dict:
-        text, n, last, logprobs = [], 0, None, None
-        async for chunk in chunks:
-            text.append(chunk.text)
-            n += len(chunk.token_ids)
-            last = chunk
-            if chunk.logprobs is not None:
-                logprobs = logprobs or []
-                logprobs.extend(chunk.logprobs)
-        if last.finish_reason == "error":
-            raise engine_failure(last)
-        prompt = last.usage.prompt_tokens if last.usage is not None else 0
-        if logprobs is not None:
-            logprobs = logprobs_body(logprobs, chat)
-        return completion_body(rid, self.model, "".join(text), last.finish_reason, usage(prompt, n), chat, logprobs)
-
-    async def _sse(self, chunks, rid: str, chat: bool, options: StreamOptions | None, prompt: int):
-        n, first, offset = 0, True, 0
-        continuous = options is not None and options.continuous_usage_stats
-        async for chunk in chunks:
-            if chunk.finish_reason == "error":
-                yield sse(engine_failure(chunk).body())
-                break
-            n += len(chunk.token_ids)
-            if chunk.usage is not None:
-                prompt = chunk.usage.prompt_tokens
-            logprobs = logprobs_body(chunk.logprobs, chat, offset) if chunk.logprobs is not None else None
-            offset += len(chunk.text)
-            body = chunk_body(rid, self.model, chunk.text, chunk.finish_reason, chat, first=first, logprobs=logprobs)
-            if continuous:  # vLLM's extension: the usage so far in every chunk
-                body["usage"] = usage(prompt, n)
-            yield sse(body)
-            first = False
-        if options is not None and options.include_usage:
-            yield sse(chunk_body(rid, self.model, None, None, chat, use=usage(prompt, n)))
-        yield sse("[DONE]")
