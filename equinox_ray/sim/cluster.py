@@ -82,10 +82,12 @@ class ClusterSim:
         names = [p.name for p in self.pools]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"pools need distinct names, got {names}")
-        self._replicas = {p.name: [SimReplica(f"{p.name}-{i}", p, self.stats_window_s) for i in range(p.replicas)]
+        self._views: dict[str, PoolView] = {}  # a pool's view until one of its replicas changes
+        self._replicas = {p.name: [SimReplica(f"{p.name}-{i}", p, self.stats_window_s,
+                                              on_change=lambda pool=p.name: self._views.pop(pool, None))
+                                   for i in range(p.replicas)]
                           for p in self.pools}
         self._facts = {p.name: p.facts() for p in self.pools}
-        self._views: dict[str, PoolView] = {}  # a pool's view until one of its replicas changes
         self._counted = not isinstance(self.policy, FCFS)  # FCFS orders by arrival: it has no counters
 
     # -- the run ----------------------------------------------------------------------------------------------
@@ -161,7 +163,6 @@ class ClusterSim:
             replica = self._pick_replica(grant.pool, request)
             output = self._truth.pop(request.id)
             replica.add(request.id, request.prompt_tokens, output)
-            self._views.pop(grant.pool, None)
             admission = next(v for v in views if v.name == grant.pool)
             self._live[request.id] = _Live(request, output, replica, now, admission)
             if replica.stepping is None and replica not in kicked:
@@ -183,7 +184,6 @@ class ClusterSim:
     # -- engine steps -----------------------------------------------------------------------------------------
     def _start_step(self, replica: SimReplica, now: float) -> None:
         duration = replica.start_step()
-        self._views.pop(replica.spec.name, None)
         if duration <= 0:
             raise RuntimeError(f"replica {replica.name} has work but cannot run a step (KV cache exhausted)")
         self._seq += 1
@@ -191,7 +191,6 @@ class ClusterSim:
 
     def _end_step(self, replica: SimReplica, now: float) -> int:
         step = replica.end_step(now)
-        self._views.pop(replica.spec.name, None)
         for request_id in step.emitted:
             live = self._live[request_id]
             if live.first_token is None:
@@ -209,7 +208,6 @@ class ClusterSim:
         request, replica = live.request, live.replica
         ttft, e2e = live.first_token - live.granted, now - live.granted
         busy = replica.finished(request.id, request.prompt_tokens, live.output_tokens, ttft, e2e)
-        self._views.pop(replica.spec.name, None)
         self.policy.finish(Outcome(request.id, request.user, replica.spec.name, request.prompt_tokens,
                                    live.output_tokens, ttft, e2e, busy, replica.last_rates[2]), now)
         record = CompletionRecord(request.id, request.user, request.arrival, live.granted, live.first_token, now,

@@ -6,6 +6,7 @@ replica's report."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from equinox_ray.engines.admission import AdmissionWindow
 from equinox_ray.engines.busy_tracker import BusyTracker
@@ -39,7 +40,8 @@ class PoolSpec:
 
 
 class SimReplica:
-    def __init__(self, name: str, spec: PoolSpec, stats_window_s: float = 5.0) -> None:
+    def __init__(self, name: str, spec: PoolSpec, stats_window_s: float = 5.0,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.name = name
         self.spec = spec
         self.step_model = StepModel.of(spec.gpu, spec.model)
@@ -51,6 +53,7 @@ class SimReplica:
         self.busy_seconds = 0.0
         self.window = AdmissionWindow(maximum=spec.max_num_seqs)  # fixed size; it measures TPOT as a real replica's does
         self._observed: ReplicaObservation | None = None  # until the replica changes
+        self.on_change = on_change  # told of every change to what it is observed as (its pool's view is stale)
         self.last_rates = (0.0, 0.0, 0.0)  # (tokens/s, output tokens/s, busy fraction) at the last step's end
 
     @property
@@ -66,6 +69,10 @@ class SimReplica:
             self._observed = self._observe()
         return self._observed
 
+    def _changed(self) -> None:
+        self._observed = None
+        self.on_change()
+
     def _observe(self) -> ReplicaObservation:
         tokens_per_s, _, busy = self.last_rates
         return ReplicaObservation(free_slots=self.free_slots, running=self.in_flight,
@@ -75,19 +82,19 @@ class SimReplica:
 
     def add(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None:
         self.batcher.add(SimSequence(request_id, prompt_tokens, output_tokens))
-        self._observed = None
+        self._changed()
         self.in_flight += 1
         self.kv_promised += prompt_tokens + output_tokens
 
     def start_step(self) -> float:
         """Run the next step's scheduling now and return its duration; its tokens appear when it ends."""
         self.stepping = self.batcher.step()
-        self._observed = None
+        self._changed()
         return self.stepping.duration
 
     def end_step(self, now: float) -> StepResult:
         step, self.stepping = self.stepping, None
-        self._observed = None
+        self._changed()
         self.tracker.record_step(now, step.duration, step.tokens, step.decode_tokens)
         self.busy_seconds += step.duration
         self.last_rates = self.tracker.rates(now)
@@ -97,6 +104,6 @@ class SimReplica:
         """Release the request and return its busy-seconds."""
         self.in_flight -= 1
         self.kv_promised -= prompt_tokens + output_tokens
-        self._observed = None
+        self._changed()
         self.window.observe(output_tokens, ttft_s, e2e_s)
         return self.tracker.pop_request(request_id)
