@@ -188,9 +188,10 @@ def test_the_serving_path_writes_completion_records_that_training_reads(tmp_path
     finish(ctl, "gone", output=3, cancelled=True)
     rows = records.read(path)
     assert [r.prompt_tokens for r in rows] == [40, 41, 42]  # the cancelled one is not training data
-    assert all(r.output_tokens == 15 and r.gpu in ("H100", "L4") and r.window == 2 and r.running == 0
-               for r in rows)
-    assert rows[0].kv_usage == 0.5 if rows[0].gpu == "H100" else rows[0].kv_usage == 0.0  # h100 reported 0.5
+    assert all(r.output_tokens == 15 and r.admission.gpu in ("H100", "L4") and r.admission.window == 2
+               and r.admission.running == 0 for r in rows)
+    first = rows[0].admission
+    assert first.kv_usage == 0.5 if first.gpu == "H100" else first.kv_usage == 0.0  # h100 reported 0.5
     predictor = ctl.policy.predictor
     assert type(predictor).__name__ == "MoPE" and predictor.experts  # the shipped models were loaded
     predicted_with = np.stack([features for features, _ in predictor.records])

@@ -155,6 +155,6 @@ def test_the_simulator_and_its_training_records_give_mope_the_same_rows():
     predicted_with = [features for features, _ in mope.records]  # in finish order, as the writer's
     assert len(predicted_with) == len(done) == len(workload.requests)
     on_arrival = [i for i, c in enumerate(done) if c.record.granted == c.record.arrival]
-    assert len(on_arrival) > 500 and any(writer.records[i].running > 0 for i in on_arrival)
+    assert len(on_arrival) > 500 and any(writer.records[i].admission.running > 0 for i in on_arrival)
     for i in on_arrival:
         assert np.array_equal(rows[i], predicted_with[i]), writer.records[i]

@@ -1,5 +1,5 @@
-"""Completion records: MoPE's training data, one per finished request, written as JSON lines (one object per line
-with the fields of `TrainingRecord`). The Serve controller writes them when `records_path` is set, the trace replay
+"""Completion records: MoPE's training data, one per finished request, written as JSON lines (one flat object per
+line: a `TrainingRecord`'s fields with its `AdmissionState`'s beside them). The Serve controller writes them when `records_path` is set, the trace replay
 (`predictors/replay.py`) from the cluster simulator; both build them from the `PoolView` the policy granted on.
 
 | field | meaning |
@@ -28,11 +28,7 @@ class TrainingRecord:
     user: str
     prompt_tokens: int
     max_tokens: int
-    gpu: str
-    running: int
-    waiting: int
-    kv_usage: float
-    window: int
+    admission: AdmissionState  # its pool at the grant
     output_tokens: int
     ttft_s: float
     e2e_s: float
@@ -43,17 +39,20 @@ class TrainingRecord:
     @classmethod
     def of(cls, request: Request, admission: PoolView, at_finish: PoolView, output_tokens: int, ttft_s: float,
            e2e_s: float, finish_s: float) -> "TrainingRecord":
-        state = AdmissionState.of(admission)
-        return cls(request.arrival, request.user, request.prompt_tokens, request.max_tokens, state.gpu,
-                   state.running, state.waiting, state.kv_usage, state.window, output_tokens, ttft_s, e2e_s,
-                   at_finish.throughput_tps, at_finish.utilization, finish_s)
+        return cls(request.arrival, request.user, request.prompt_tokens, request.max_tokens,
+                   AdmissionState.of(admission), output_tokens, ttft_s, e2e_s, at_finish.throughput_tps,
+                   at_finish.utilization, finish_s)
 
-    @property
-    def admission(self) -> AdmissionState:
-        return AdmissionState(self.gpu, self.running, self.waiting, self.kv_usage, self.window)
+    def to_json(self) -> str:
+        """One flat JSON object: the admission state's fields stand beside the record's."""
+        row = asdict(self)
+        row.update(row.pop("admission"))
+        return json.dumps(row)
 
 
-FIELDS = tuple(f.name for f in fields(TrainingRecord))
+RECORD_FIELDS = tuple(f.name for f in fields(TrainingRecord) if f.name != "admission")
+ADMISSION_FIELDS = tuple(f.name for f in fields(AdmissionState))
+FIELDS = RECORD_FIELDS + ADMISSION_FIELDS  # a line of the file
 
 
 def write(path: Path, records: list[TrainingRecord]) -> None:
@@ -61,7 +60,7 @@ def write(path: Path, records: list[TrainingRecord]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for r in records:
-            f.write(json.dumps(asdict(r)) + "\n")
+            f.write(r.to_json() + "\n")
 
 
 def read(path: Path) -> list[TrainingRecord]:
@@ -77,5 +76,6 @@ def read(path: Path) -> list[TrainingRecord]:
             missing = [k for k in FIELDS if k not in data]
             if missing:
                 raise ValueError(f"{path}:{line_number}: missing field(s) {', '.join(missing)}")
-            records.append(TrainingRecord(**{k: data[k] for k in FIELDS}))
+            admission = AdmissionState(**{k: data[k] for k in ADMISSION_FIELDS})
+            records.append(TrainingRecord(**{k: data[k] for k in RECORD_FIELDS}, admission=admission))
     return sorted(records, key=lambda r: r.arrival_s)

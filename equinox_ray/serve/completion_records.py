@@ -3,9 +3,6 @@ written by the controller when `records_path` is set."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
-
 from equinox_ray.mope.records import TrainingRecord
 from equinox_ray.serve.controller_state import PoolState, Tracked
 
@@ -17,5 +14,5 @@ class CompletionRecords:
     def write(self, tracked: Tracked, pool: PoolState, output_tokens: int, ttft_s: float, e2e_s: float,
               now: float) -> None:
         record = TrainingRecord.of(tracked.request, tracked.admission, pool.view(), output_tokens, ttft_s, e2e_s, now)
-        self.file.write(json.dumps(asdict(record)) + "\n")
+        self.file.write(record.to_json() + "\n")
         self.file.flush()
