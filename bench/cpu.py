@@ -14,6 +14,13 @@ KINDS = ("proxy", "ingress", "controller", "pool", "client", "ray")
 SERVER_KINDS = ("proxy", "ingress", "controller", "pool")
 
 
+def server_at_client_priority() -> None:
+    """Have Ray start its workers at this process's niceness, before this process starts Ray. Ray starts workers at
+    niceness 15, so a load generator (and vLLM's own server, started from it) at 0 would take the CPU the two share
+    from our server first; one machine for client and server needs one priority for both."""
+    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
+
+
 def _kind(process: psutil.Process, app: str | None) -> str | None:
     if process.pid == os.getpid():
         return "client"

@@ -159,6 +159,7 @@ def run_ray_paths(loads: dict[str, Load], args) -> list[tuple[str, tuple[dict, l
     from equinox_ray.serve.config import AppConfig
 
     config = AppConfig.model_validate(equinox_args())
+    cpu.server_at_client_priority()  # vLLM's server runs at this process's priority too
     apps = {"equinox": lambda: build(config), "forwarding": lambda: forwarding_app(config.pools[0])}
     out = []
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -255,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                  "telemetry": {"exporter": "none"}}
     requests = Requests(args.seed)
     cores = {}
-    # Ray starts its workers at niceness 15 and this load generator runs at 0, so on a shared machine every refusal
-    # the generator handles is taken from the engine first; the server runs at the generator's priority instead
-    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
+    cpu.server_at_client_priority()
     with default_app(users, None, "sk-soak", overrides) as keys:
         asyncio.run(capacity(keys, 10.0, requests))  # warm-up: compile paths, fill caches
         with cpu_use(cores, "capacity"):
