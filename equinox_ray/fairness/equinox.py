@@ -17,9 +17,9 @@ Inside the fairness bound, three switches (`Efficiency`) buy latency without mov
     smallest virtual finish, key + c(head) / weight, goes next: the gap between backlogged users stays within
     VTC's bound + Delta;
 (c) on mixed GPU types, among those same users, the head request and free pool with the smallest relative time
-    (its time on that pool over its time on the fastest pool of the cluster, from the pools' nominal speeds) are
-    paired first: each pool gets the work it is comparatively best at (Melange, arXiv 2404.14527), and the virtual
-    finish breaks ties.
+    (its time on that pool over its time on the fastest pool of the cluster, from the pools' nominal speeds, in
+    bands of `pairing_band`) are paired first: each pool gets the work it is comparatively best at (Melange, arXiv
+    2404.14527), and the virtual finish decides within a band.
 """
 
 from __future__ import annotations
@@ -67,10 +67,15 @@ class Efficiency:
     slack_tokens: float = 1024.0  # (b) Delta, in the key's token units; 0: the smallest key always goes next
     candidates: int = 8  # (b) at most this many users are compared per decision: O(candidates * log U)
     pairing: bool = True  # (c) on mixed GPU types, pair free pools with the requests they suit
+    # (c) relative times in the same band of this width count as equally suited, and the virtual finish decides
+    # between them: they come from nominal speeds and mean outputs, so finer differences are noise that would
+    # override the fair order. 0: the exact relative time ranks first
+    pairing_band: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.max_overtakes < 0 or self.slack_tokens < 0 or self.candidates < 1:
-            raise ValueError(f"Efficiency needs max_overtakes >= 0, slack_tokens >= 0, candidates >= 1: {self}")
+        if self.max_overtakes < 0 or self.slack_tokens < 0 or self.candidates < 1 or self.pairing_band < 0:
+            raise ValueError("Efficiency needs max_overtakes >= 0, slack_tokens >= 0, candidates >= 1, "
+                             f"pairing_band >= 0: {self}")
 
 
 @dataclass(frozen=True)
@@ -154,8 +159,8 @@ class Equinox(VTC):
             fitting = fitting_pools(head.kv_demand, pools)
             if not fitting:
                 continue
-            relative = self._relative_time(head, fitting, pools) if pairing else 1.0
-            rank = (relative, key[0] + self.queues.head_cost(user) / self.weight(user))
+            suited = self._suitability(head, fitting, pools) if pairing else 0.0
+            rank = (suited, key[0] + self.queues.head_cost(user) / self.weight(user))
             if best_rank is None or rank < best_rank:
                 best, best_rank = user, rank
         return best
@@ -169,12 +174,13 @@ class Equinox(VTC):
         """The request's time on the pool from its nominal speeds and the user's mean output."""
         return request.prompt_tokens / pool.prefill_tps + self._lengths.output_tokens(request) / pool.decode_tps
 
-    def _relative_time(self, request: Request, fitting: Sequence[PoolView], pools: Sequence[PoolView]) -> float:
+    def _suitability(self, request: Request, fitting: Sequence[PoolView], pools: Sequence[PoolView]) -> float:
         """The request's time on the fitting pool that suits it best over its time on the cluster's fastest pool for
-        it (1 when that pool fits)."""
+        it (1 when that pool fits), as the index of its band (`Efficiency.pairing_band`); smaller suits better."""
         fastest = min(self._seconds(request, p) for p in pools)
-        best = min(self._seconds(request, p) for p in fitting)
-        return round(best / fastest, 3) if fastest > 0 else 1.0
+        relative = min(self._seconds(request, p) for p in fitting) / fastest if fastest > 0 else 1.0
+        band = self.efficiency.pairing_band
+        return (relative - 1.0) // band if band > 0 else round(relative, 3)
 
     def choose_pool(self, request: Request, candidates: Sequence[PoolView],
                     pools: Sequence[PoolView]) -> tuple[PoolView, Prediction | None]:

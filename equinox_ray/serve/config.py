@@ -60,6 +60,8 @@ class EfficiencyConfig(Strict):
     pairing: bool = Field(True, description="(c) on mixed GPU types with the fastest dispatch, give a free pool the "
                                             "request among those users that it slows least against the cluster's "
                                             "fastest pool")
+    pairing_band: float = Field(0.25, ge=0, description="(c) relative times within one band of this width count as "
+                                                        "equally suited; the virtual finish decides. 0: exact")
 
     def to_core(self) -> Efficiency:
         return Efficiency(**self.model_dump())
