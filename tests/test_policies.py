@@ -380,20 +380,29 @@ def test_the_slack_lets_a_user_with_a_cheap_head_go_first_and_only_within_the_sl
         assert drain(policy)[0] == f"{first}1", slack
 
 
+def _doc_and_chat_waiting(efficiency: Efficiency, slow: PoolView, doc: tuple[int, int],
+                          chat: tuple[int, int]) -> Equinox:
+    """Users doc and chat, each with one (prompt, output) request waiting and that output as their mean (taught by
+    one finished request on `slow`); doc is owed more, within the slack."""
+    policy = Equinox(users("doc", "chat"), efficiency=efficiency)
+    for user, (prompt, output) in [("doc", doc), ("chat", chat)]:
+        policy.submit(req(f"{user}0", user, prompt=prompt, max_tokens=output), 0)
+        policy.schedule([slow], 0)
+        policy.finish(Outcome(f"{user}0", user, slow.name, prompt, output, 0.1, 1.0, 1.0), 1)
+    for user, (prompt, output) in [("doc", doc), ("chat", chat)]:
+        policy.submit(req(f"{user}1", user, prompt=prompt, max_tokens=output), 2)
+    policy.restore({"served": {"doc": 0.0, "chat": 1500.0}})  # after the lifts
+    return policy
+
+
 def test_pairing_treats_relative_times_within_a_band_as_equal_and_lets_the_fair_order_decide():
     """On the free slower pool, chat's request takes 1.12x its time on the fast pool and doc's 1.24x: one band of
     0.25, so doc, who is owed more, goes first; ranked by the exact relative time, chat would."""
     fast = PoolView("h100", gpu_type="H100", free_slots=0, prefill_tps=1_000.0, decode_tps=100.0)
     slow = PoolView("a100", gpu_type="A100", free_slots=4, prefill_tps=800.0, decode_tps=90.0)
     for band, first in [(0.25, "doc1"), (0.0, "chat1")]:
-        policy = Equinox(users("doc", "chat"), efficiency=Efficiency(pairing_band=band, slack_tokens=4096.0))
-        for user, prompt, output in [("doc", 1000, 10), ("chat", 100, 100)]:  # teach each user's mean output
-            policy.submit(req(f"{user}0", user, prompt=prompt, max_tokens=output), 0)
-            policy.schedule([slow], 0)
-            policy.finish(Outcome(f"{user}0", user, "a100", prompt, output, 0.1, 1.0, 1.0), 1)
-        policy.submit(req("doc1", "doc", prompt=1000, max_tokens=10), 2)
-        policy.submit(req("chat1", "chat", prompt=100, max_tokens=100), 2)
-        policy.restore({"served": {"doc": 0.0, "chat": 1500.0}})
+        efficiency = Efficiency(pairing_band=band, slack_tokens=4096.0)
+        policy = _doc_and_chat_waiting(efficiency, slow, doc=(1000, 10), chat=(100, 100))
         assert policy.schedule([fast, slow], 2).request.id == first, band
 
 
@@ -403,13 +412,7 @@ def test_pairing_gives_a_free_slow_pool_the_request_it_slows_least():
     fast = PoolView("h100", gpu_type="H100", free_slots=0, prefill_tps=20_000.0, decode_tps=80.0)
     slow = PoolView("l4", gpu_type="L4", free_slots=4, prefill_tps=2_000.0, decode_tps=40.0)
     for pairing, first in [(True, "chat1"), (False, "doc1")]:
-        policy = Equinox(users("doc", "chat"), efficiency=Efficiency(pairing=pairing, slack_tokens=4096.0))
-        for user, prompt, output in [("doc", 2000, 10), ("chat", 20, 400)]:  # teach each user's mean output
-            policy.submit(req(f"{user}0", user, prompt=prompt, max_tokens=output), 0)
-            policy.schedule([slow], 0)
-            policy.finish(Outcome(f"{user}0", user, "l4", prompt, output, 0.1, 1.0, 1.0), 1)
-        policy.submit(req("doc1", "doc", prompt=2000, max_tokens=10), 2)
-        policy.submit(req("chat1", "chat", prompt=20, max_tokens=400), 2)
-        policy.restore({"served": {"doc": 0.0, "chat": 1500.0}})  # after the lifts: doc is owed more, within the slack
+        efficiency = Efficiency(pairing=pairing, slack_tokens=4096.0)
+        policy = _doc_and_chat_waiting(efficiency, slow, doc=(2000, 10), chat=(20, 400))
         grant = policy.schedule([fast, slow], 2)
         assert (grant.request.id, grant.pool) == (first, "l4"), pairing
