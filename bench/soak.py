@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import cpu
 from bench.cpu import KINDS
@@ -124,8 +125,9 @@ async def watch_pool(session: aiohttp.ClientSession, fullness: list[float]) -> N
                 text = await response.text()
         except aiohttp.ClientError:
             continue
-        values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith(("equinox_pool_running{", "equinox_pool_window{"))}
+        values = {family.name: sum(sample.value for sample in family.samples)
+                  for family in text_string_to_metric_families(text)
+                  if family.name in ("equinox_pool_running", "equinox_pool_window")}
         if values.get("equinox_pool_window"):
             fullness.append(values["equinox_pool_running"] / values["equinox_pool_window"])
 
@@ -168,6 +170,7 @@ def summarize(sent: list[Sent], seconds: float, capacity_rps: float, capacities_
     delivered = delivered_tokens(complete, WARMUP_S, seconds) / max(seconds - WARMUP_S, 1e-9)
     by_minute = [delivered_tokens(complete, m, min(m + 60.0, seconds)) / max(min(60.0, seconds - m), 1e-9)
                  for m in np.arange(0.0, seconds, 60.0)]
+    settled = np.array(fullness[int(WARMUP_S):])  # one sample a second
     return {"seconds": seconds, "rate_rps": rate, "capacity_rps": capacity_rps, "capacity_tps": capacity_tps,
             "capacity_before_tps": capacities_tps[0], "capacity_after_tps": capacities_tps[1],
             "sent": len(sent), "completed": len(complete), "status": dict(sorted(by_status.items())),
@@ -177,8 +180,8 @@ def summarize(sent: list[Sent], seconds: float, capacity_rps: float, capacities_
             "errors": dict(sorted(Counter(s.result.error for s in sent if s.result.error).items())),
             "delivered_tps": delivered, "delivered_over_capacity": delivered / capacity_tps,
             "delivered_by_minute": [round(t / capacity_tps, 3) for t in by_minute],
-            "pool_full_share": float(np.mean(np.array(fullness[int(WARMUP_S):]) >= 1.0)) if fullness else None,
-            "pool_fullness_mean": float(np.mean(fullness[int(WARMUP_S):])) if fullness else None, "users": users}
+            "pool_full_share": float(np.mean(settled >= 1.0)) if settled.size else None,
+            "pool_fullness_mean": float(np.mean(settled)) if settled.size else None, "users": users}
 
 
 def report(summary: dict, minutes: float, load: float) -> str:
@@ -210,16 +213,14 @@ def report(summary: dict, minutes: float, load: float) -> str:
                       f"{s['pool_full_share']:.0%} of the once-a-second samples after the first {WARMUP_S:g} s; "
                       f"it held {s['pool_fullness_mean']:.0%} of the window on average."]
     if "cpu" in s:
-        pool_cores = {phase: s["cpu"][phase]["pool"] for phase in s["cpu"]}
-        per_core = s["delivered_tps"] / pool_cores["soak"] if pool_cores.get("soak") else None
-        base = [s[f"capacity_{when}_tps"] / pool_cores[phase] for when, phase in
-                (("before", "capacity"), ("after", "capacity after")) if pool_cores.get(phase)]
-        if per_core and base:
-            lines += ["", f"Output tokens per core the pool used (its replica and engine processes): "
-                          f"{per_core:,.0f} during the soak against {np.mean(base):,.0f} while measuring the capacity "
-                          f"({per_core / np.mean(base):.2f}x); the pool used {pool_cores['soak']:.2f} cores during "
-                          f"the soak against {np.mean([pool_cores[p] for p in pool_cores if p != 'soak']):.2f}."]
-    if "cpu" in s:
+        pool = {phase: used["pool"] for phase, used in s["cpu"].items()}
+        soak_per_core = s["delivered_tps"] / pool["soak"]
+        capacity_per_core = np.mean([s["capacity_before_tps"] / pool["capacity"],
+                                     s["capacity_after_tps"] / pool["capacity after"]])
+        lines += ["", f"Output tokens per core the pool used (its replica and engine processes): "
+                      f"{soak_per_core:,.0f} during the soak against {capacity_per_core:,.0f} while measuring the "
+                      f"capacity ({soak_per_core / capacity_per_core:.2f}x); the pool used {pool['soak']:.2f} cores "
+                      f"during the soak against {np.mean([pool['capacity'], pool['capacity after']]):.2f}."]
         lines += ["", "CPU cores used, by process kind (bench/cpu.py), while measuring the capacity, during the soak "
                       "and while measuring the capacity again:", "", "| phase | " + " | ".join(KINDS) + " |",
                   "|---|" + "---:|" * len(KINDS)]

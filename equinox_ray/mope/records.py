@@ -1,6 +1,7 @@
 """Completion records: MoPE's training data, one per finished request, written as JSON lines (one flat object per
-line: a `TrainingRecord`'s fields with its `AdmissionState`'s beside them). The Serve controller writes them when `records_path` is set, the trace replay
-(`predictors/replay.py`) from the cluster simulator; both build them from the `PoolView` the policy granted on.
+line: a `TrainingRecord`'s fields with its `AdmissionState`'s beside them). The Serve controller writes them when
+`records_path` is set, the trace replay (`predictors/replay.py`) from the cluster simulator; both build them from
+the `PoolView` the policy granted on.
 
 | field | meaning |
 |---|---|
