@@ -1,17 +1,23 @@
 """Overload soak on the default application (real vLLM on the CPU, two ingress replicas behind HAProxy).
 
-First the capacity: a closed loop of clients keeps the engine full for `--capacity-s`; what it completes per second
-is the capacity. Then three users send Poisson arrivals at `--load` times that rate for `--minutes`: alice 60% of
-the arrivals, bob 30%, carol 10% with weight 2, so that carol asks for well under her weighted share (a half) while
-the others are over theirs. Every request streams. Printed and written to bench/results/soak.{md,json}: sent,
-completed, 429s and how fast they came, 503s, lost (no answer, or a stream cut without an error event, or none
-within `--bound-s`), per-user TTFT and served tokens, and the delivered token rate against the capacity, overall and
-minute by minute. The capacity is measured again after the soak, and the delivered rate is compared with the mean of
-the two: on a shared two-core machine the same closed loop has measured from 47 to 73 requests/s in one hour, so one
-measurement taken minutes away from the soak says more about the machine than about the server. Exits 1 if a
-request was lost.
+First the capacity: a closed loop of clients keeps the engine full for `--capacity-s`; the tokens it streams in
+that time, per second, are the capacity. Then three users send Poisson arrivals at `--load` times that rate for
+`--minutes`: alice 60% of the arrivals, bob 30%, carol 10% with weight 2, so that carol asks for well under her
+weighted share (a half) while the others are over theirs. Every request streams. Printed and written to
+bench/results/soak.{md,json}: sent, completed, 429s and how fast they came, 503s, lost (no answer, or a stream cut
+without an error event, or none within `--bound-s`), per-user TTFT and served tokens, and the delivered token rate
+against the capacity, overall and minute by minute. The capacity is measured again after the soak, and the
+delivered rate is compared with the mean of the two: on a shared two-core machine the same closed loop has measured
+from 47 to 73 requests/s in one hour, so one measurement taken minutes away from the soak says more about the
+machine than about the server. Exits 1 if a request was lost.
 
-    python -m bench soak [--minutes 10] [--load 2.0]
+With `--engine sim` the pool is a simulated GPU (an H100 running Llama-2-7B, `SimEngine`) instead of vLLM on the CPU,
+and the results go to bench/results/soak-sim.{md,json}. The CPU engine computes on the same two cores as the
+ingress, the controller and the load generator, so refusing the excess takes CPU from the engine itself; a GPU's
+steps do not. The simulated GPU steps at its roofline speed whatever the front end costs, which isolates what the
+serving path does at overload (does it keep the engine full?) from what the shared cores do.
+
+    python -m bench soak [--minutes 10] [--load 2.0] [--engine vllm|sim]
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ PROMPT_TOKENS = (16, 256)
 OUTPUT_TOKENS = (16, 128)
 CAPACITY_CLIENTS = 48
 WARMUP_S = 20.0  # left out of the delivered rate: the queues fill first
+# The simulated GPU: one pool with the CPU pool's admission window (a batch of 32 and a queue of 8)
+SIM_POOL = {"name": "gpu", "gpu_type": "CPU", "engine": "sim", "num_cpus": 0.25,
+            "sim": {"gpu": "H100", "model": "Llama-2-7B", "max_model_len": 1024, "max_num_seqs": 32},
+            "admission": {"max_window": 40, "initial_window": 40},
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
 
 
 @dataclass(frozen=True)
@@ -70,23 +81,24 @@ class Requests:
 
 
 async def capacity(keys: dict[str, str], seconds: float, requests: Requests) -> tuple[float, float]:
-    """Completed requests/s and output tokens/s of a closed loop that keeps the engine full."""
-    done: list[Result] = []
+    """Requests/s and output tokens/s of a closed loop that keeps the engine full, counted as the soak counts what
+    it delivered: the tokens streamed within the `seconds`, not the drain after them, when no new request comes."""
+    done: list[Sent] = []
     deadline = time.perf_counter() + seconds
 
     async def client(i: int, session: aiohttp.ClientSession) -> None:
         key = list(keys.values())[i % len(keys)]
         while time.perf_counter() < deadline:
-            done.append(await attempt(session, requests.next(), key))
+            at_s = seconds - (deadline - time.perf_counter())
+            done.append(Sent("capacity", at_s, await attempt(session, requests.next(), key)))
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        start = time.perf_counter()
         await asyncio.gather(*(client(i, session) for i in range(CAPACITY_CLIENTS)))
-        wall = time.perf_counter() - start
-    ok = [r for r in done if r.complete]
+    ok = [s for s in done if s.result.complete]
     if not ok:
-        raise SystemExit(f"no request completed: {Counter((r.status, r.error) for r in done)}")
-    return len(ok) / wall, sum(r.output_tokens for r in ok) / wall
+        raise SystemExit(f"no request completed: {Counter((s.result.status, s.result.error) for s in done)}")
+    tokens_per_s = delivered_tokens(ok, 0.0, seconds) / seconds
+    return tokens_per_s / float(np.mean([s.result.output_tokens for s in ok])), tokens_per_s
 
 
 async def soak(keys: dict[str, str], rate: float, seconds: float, bound_s: float, requests: Requests,
@@ -186,9 +198,14 @@ def summarize(sent: list[Sent], seconds: float, capacity_rps: float, capacities_
 
 def report(summary: dict, minutes: float, load: float) -> str:
     s = summary
-    lines = [f"# Overload soak: {load:g}x capacity for {minutes:g} min (`python -m bench soak --minutes {minutes:g} "
-             f"--load {load:g}`)", "",
+    engine = summary.get("engine", "vllm")
+    command = f"python -m bench soak --minutes {minutes:g} --load {load:g}"
+    if engine == "sim":
+        command += " --engine sim"
+    pool = "a simulated H100 GPU (Llama-2-7B)" if engine == "sim" else "vLLM on the CPU (tiny model)"
+    lines = [f"# Overload soak: {load:g}x capacity for {minutes:g} min, {pool} (`{command}`)", "",
              __doc__.split("\n\n")[1].replace("\n", " "), "",
+             *([__doc__.split("\n\n")[2].replace("\n", " "), ""] if engine == "sim" else []),
              f"Capacity (closed loop, {CAPACITY_CLIENTS} clients): {s['capacity_rps']:.1f} requests/s and "
              f"{s['capacity_before_tps']:,.0f} output tokens/s before the soak, {s['capacity_after_tps']:,.0f} after "
              f"it; their mean, {s['capacity_tps']:,.0f}, is the capacity below. Soak arrivals: {s['rate_rps']:.1f} "
@@ -212,7 +229,7 @@ def report(summary: dict, minutes: float, load: float) -> str:
         lines += ["", f"The pool held its full admission window (a full engine batch and its queue) in "
                       f"{s['pool_full_share']:.0%} of the once-a-second samples after the first {WARMUP_S:g} s; "
                       f"it held {s['pool_fullness_mean']:.0%} of the window on average."]
-    if "cpu" in s:
+    if "cpu" in s and engine == "vllm":  # a simulated GPU's steps cost no CPU: per core would mean nothing
         pool = {phase: used["pool"] for phase, used in s["cpu"].items()}
         soak_per_core = s["delivered_tps"] / pool["soak"]
         capacity_per_core = np.mean([s["capacity_before_tps"] / pool["capacity"],
@@ -221,6 +238,7 @@ def report(summary: dict, minutes: float, load: float) -> str:
                       f"{soak_per_core:,.0f} during the soak against {capacity_per_core:,.0f} while measuring the "
                       f"capacity ({soak_per_core / capacity_per_core:.2f}x); the pool used {pool['soak']:.2f} cores "
                       f"during the soak against {np.mean([pool['capacity'], pool['capacity after']]):.2f}."]
+    if "cpu" in s:
         lines += ["", "CPU cores used, by process kind (bench/cpu.py), while measuring the capacity, during the soak "
                       "and while measuring the capacity again:", "", "| phase | " + " | ".join(KINDS) + " |",
                   "|---|" + "---:|" * len(KINDS)]
@@ -247,12 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity-s", type=float, default=60.0)
     parser.add_argument("--bound-s", type=float, default=120.0, help="a request unanswered this long is lost")
     parser.add_argument("--ingress-replicas", type=int, default=2)
+    parser.add_argument("--engine", choices=("vllm", "sim"), default="vllm",
+                        help="the pool's engine: vLLM on the CPU (deploy/equinox.yaml) or a simulated GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     users = {name: User(name, weight) for name, (_, weight) in USERS.items()}
     overrides = {"ingress": {"num_replicas": args.ingress_replicas}, "limits": {"max_queue_per_user": 64},
                  "telemetry": {"exporter": "none"}}
+    if args.engine == "sim":
+        overrides["pools"] = [SIM_POOL]
     requests = Requests(args.seed)
     cores = {}
     cpu.server_at_client_priority()
@@ -269,11 +291,12 @@ def main(argv: list[str] | None = None) -> int:
             _, capacity_after_tps = asyncio.run(capacity(keys, args.capacity_s, requests))
         print(f"capacity after the soak: {capacity_after_tps:,.0f} tokens/s", flush=True)
     summary = {**summarize(sent, args.minutes * 60, capacity_rps, (capacity_tps, capacity_after_tps), rate,
-                           fullness), "cpu": cores}
+                           fullness), "cpu": cores, "engine": args.engine}
     text = report(summary, args.minutes, args.load)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.md").write_text(text)
-    (args.out / "soak.json").write_text(json.dumps({**summary, "args": {k: str(v) for k, v in vars(args).items()}},
+    name = "soak" if args.engine == "vllm" else "soak-sim"
+    (args.out / f"{name}.md").write_text(text)
+    (args.out / f"{name}.json").write_text(json.dumps({**summary, "args": {k: str(v) for k, v in vars(args).items()}},
                                                    indent=1))
     print(text)
     return 1 if summary["lost"] else 0

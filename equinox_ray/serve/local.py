@@ -22,7 +22,8 @@ BASE_URL = "http://127.0.0.1:8000"
 def default_app(users: Mapping[str, User], records_path: Path | None, key_prefix: str,
                 overrides: Mapping[str, dict] | None = None) -> Iterator[dict[str, str]]:
     """Serve the default app for these users while the block runs; yields each user's API key. `overrides` replace
-    fields of the config's sections (for example {"ingress": {"num_replicas": 2}})."""
+    fields of the config's sections (for example {"ingress": {"num_replicas": 2}}); a list replaces its whole section
+    (for example {"pools": [...]})."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     use_fast_path()
     import ray
@@ -37,7 +38,7 @@ def default_app(users: Mapping[str, User], records_path: Path | None, key_prefix
     config["records_path"] = str(Path(records_path).resolve()) if records_path is not None else None
     config["limits"]["max_queue_per_user"] = 4096
     for section, fields in (overrides or {}).items():
-        config[section] = {**config.get(section, {}), **fields}
+        config[section] = fields if isinstance(fields, list) else {**config.get(section, {}), **fields}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.run(build(AppConfig.model_validate(config)), name="equinox", route_prefix="/")
