@@ -2,7 +2,7 @@
 
     python -m bench suite [--scenario NAME ...] [--smoke]   simulated scenarios: tables and plots in bench/results/
     python -m bench overhead                               scheduling decisions/s of the fairness core
-    python -m bench real [--scenario vtc-overload lmsys]   the real Ray Serve + vLLM CPU path, time-scaled
+    python -m bench real [--scenario vtc-overload lmsys] [--rounds 3]   the real Serve + vLLM CPU path, time-scaled
     python -m bench path [--smoke]                         the serving path's cost against the engine alone
     python -m bench soak [--minutes 10] [--load 2.0]       three users at twice the capacity (bench/soak.py)
     python -m bench faults                                 kill -9 under load: pool replica, engine, controller
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("overhead", help="decisions/s of the fairness core")
     real = sub.add_parser("real", help="the real Serve + vLLM CPU path")
     real.add_argument("--scenario", nargs="+", choices=["vtc-overload", "lmsys"], default=["vtc-overload", "lmsys"])
+    real.add_argument("--rounds", type=int, default=3, help="alternating rounds of the policies (medians shown)")
     real.add_argument("--out", type=Path, default=RESULTS)
     path = sub.add_parser("path", help="the serving path's CPU, throughput and latency")
     path.add_argument("--smoke", action="store_true", help="short loads, under 2 minutes")
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from bench.real_engine import main as real_main
 
-        real_main(args.scenario, args.out)
+        real_main(args.scenario, args.out, args.rounds)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,16 @@ def test_bench_suite_smoke_writes_tables_and_plots(tmp_path):
         assert (tmp_path / f"lmsys-{kind}.png").stat().st_size > 10_000
 
 
+def test_the_real_paths_rounds_rotate_the_policies():
+    """`bench real` alternates the policies; over as many rounds as policies each runs once in every position."""
+    from bench.real_engine import POLICIES, rounds_in_rotation
+
+    orders = rounds_in_rotation(len(POLICIES))
+    assert all(sorted(order) == sorted(POLICIES) for order in orders)
+    for position in range(len(POLICIES)):
+        assert sorted(order[position] for order in orders) == sorted(POLICIES)
+
+
 def test_the_real_paths_rows_without_a_bound_or_wall_time_render():
     """`bench real` measures no counter bound and no simulator wall time: its table says n/a for them."""
     from bench.report import rows_table
