@@ -7,6 +7,7 @@
     python -m bench soak [--minutes 10] [--load 2.0]       three users at twice the capacity (bench/soak.py)
     python -m bench faults                                 kill -9 under load: pool replica, engine, controller
     python -m bench peers                                  vllm bench serve and guidellm, ours against vLLM's server
+    python -m bench sweep SETTING VALUE ...                one policy setting at several values against VTC
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench.faults import main as faults_main
 
         sys.exit(faults_main(argv[1:]))
+    if argv[:1] == ["sweep"]:
+        from bench.sweep import main as sweep_main
+
+        sys.exit(sweep_main(argv[1:]))
     if argv[:1] == ["peers"]:
         from bench.peers import main as peers_main
 
@@ -158,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     path.add_argument("--out", type=Path, default=RESULTS)
     sub.add_parser("soak", help="three users at twice the capacity: python -m bench soak --help")
     sub.add_parser("faults", help="kill -9 under load: python -m bench faults --help")
+    sub.add_parser("sweep", help="one policy setting at several values against VTC: python -m bench sweep --help")
     sub.add_parser("peers", help="peer load generators against us and vLLM: python -m bench peers --help")
     args = parser.parse_args(argv)
     if args.command == "suite":

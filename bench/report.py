@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bench.suite import Run, policy_config
+from bench.suite import Run
 from equinox_ray.engines.gpu_profiles import StepModel
 from equinox_ray.fairness.metrics import (CompletionRecord, backlogged_pair_gap, jain_per_window, percentiles,
                                           service_difference, steady_throughput, throughput, windowed_service)
@@ -52,7 +52,7 @@ def counter_bound(run: Run) -> float | None:
     batch_tokens = sum(StepModel.of(p.gpu, p.model).kv_capacity_tokens * p.replicas for p in result.pools)
     admission = max(W_IN * longest_input / w_min, result.largest_charge)
     bound = 2 * max(admission, W_OUT * batch_tokens / w_min)
-    config = policy_config(run.label)
+    config = run.config
     if config.name == "equinox":
         bound += config.weights.to_core().max_latency_credit + config.efficiency.slack_tokens
     return bound

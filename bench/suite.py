@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from bench.scenarios import Scenario
-from equinox_ray.fairness import Policy, User
 from equinox_ray.serve.config import PolicyConfig
 from equinox_ray.serve.policies import make_policy as serve_policy
 from equinox_ray.sim import ClusterSim, SimResult
@@ -44,27 +43,28 @@ def policy_config(label: str, predictor: str = "mope") -> PolicyConfig:
     return PolicyConfig.model_validate({**POLICIES[label], "predictor": predictor})
 
 
-def make_policy(label: str, users: list[User], predictor: str = "mope") -> Policy:
-    return serve_policy(policy_config(label, predictor), users)
-
-
 @dataclass
 class Run:
     scenario: Scenario
     workload: Workload
     label: str
     result: SimResult
+    config: PolicyConfig
 
 
 def run_scenario(scenario: Scenario, smoke: bool = False, policies: tuple[str, ...] | None = None,
-                 predictor: str = "mope", progress: bool = True) -> list[Run]:
+                 predictor: str = "mope", progress: bool = True,
+                 configs: dict[str, PolicyConfig] | None = None) -> list[Run]:
+    """Every policy label (POLICIES) on every workload; `configs` adds labelled configs of its own (a sweep's)."""
     runs = []
+    labelled = {label: policy_config(label, predictor) for label in policies or scenario.policies}
+    labelled.update(configs or {})
     for workload in scenario.workloads(smoke):
-        for label in policies or scenario.policies:
-            policy = make_policy(label, list(workload.users.values()), predictor)
+        for label, config in labelled.items():
+            policy = serve_policy(config, list(workload.users.values()))
             sim = ClusterSim(scenario.pools, policy, max_tokens_cap=scenario.max_tokens_cap)
             with tqdm(total=len(workload.requests), desc=f"{workload.name} {label}", unit="req", leave=False,
                       mininterval=2.0, disable=not progress) as bar:
                 result = sim.run(workload, progress=bar.update)
-            runs.append(Run(scenario, workload, label, result))
+            runs.append(Run(scenario, workload, label, result, config))
     return runs
