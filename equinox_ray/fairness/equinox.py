@@ -64,7 +64,7 @@ class Efficiency:
     """The switches that order work inside the fairness bound (module docstring); zeros turn each off."""
 
     max_overtakes: int = 16  # (a) 0: each user's queue is FIFO, as VTC's
-    slack_tokens: float = 1024.0  # (b) Delta, in the key's token units; 0: the smallest key always goes next
+    slack_tokens: float = 4096.0  # (b) Delta, in the key's token units; 0: the smallest key always goes next
     candidates: int = 8  # (b) at most this many users are compared per decision: O(candidates * log U)
     pairing: bool = True  # (c) on mixed GPU types, pair free pools with the requests they suit
     # (c) relative times in the same band of this width count as equally suited, and the virtual finish decides

@@ -54,7 +54,7 @@ class EfficiencyConfig(Strict):
 
     max_overtakes: int = Field(16, ge=0, description="(a) each user's queue cheapest first; a request overtaken "
                                                      "this often goes next. 0: FIFO")
-    slack_tokens: float = Field(1024.0, ge=0, description="(b) Delta: users within this of the smallest counter "
+    slack_tokens: float = Field(4096.0, ge=0, description="(b) Delta: users within this of the smallest counter "
                                                           "compete by virtual finish. 0: smallest counter only")
     candidates: int = Field(8, ge=1, description="(b) users compared per decision")
     pairing: bool = Field(True, description="(c) on mixed GPU types with the fastest dispatch, give a free pool the "
