@@ -31,7 +31,7 @@ class Scenario:
     max_tokens_cap: int | None  # the client's max_tokens; None: the true length (the VTC artifact's setting)
     window_s: float  # window for service, Jain's index and the service difference
     policies: tuple[str, ...] = ("fcfs", "vtc", "vtc-predict", "equinox", "equinox-fifo", "equinox-no-slack",
-                                 "equinox-holistic")
+                                 "equinox-no-fresh", "equinox-holistic")
 
     @property
     def metrics_window_s(self) -> float:

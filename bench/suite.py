@@ -19,6 +19,7 @@ POLICY_NOTES = {
     "equinox": "Equinox, default config (docs/design.md), MoPE, fastest-pool dispatch",
     "equinox-fifo": "ablation: Equinox with each user's queue FIFO (max_overtakes = 0)",
     "equinox-no-slack": "ablation: Equinox with the smallest key always next (slack_tokens = 0)",
+    "equinox-no-fresh": "ablation: Equinox without the first turn for users back from idle (fresh_first = false)",
     "equinox-no-pairing": "ablation: Equinox without pairing pools and requests on mixed GPU types",
     "equinox-holistic": "ablation: Equinox with the latency deficit and resource counter on (alpha = beta = 0.5)",
 }
@@ -32,6 +33,7 @@ POLICIES = {
     "equinox": {"name": "equinox"},
     "equinox-fifo": {"name": "equinox", "efficiency": {"max_overtakes": 0}},
     "equinox-no-slack": {"name": "equinox", "efficiency": {"slack_tokens": 0.0}},
+    "equinox-no-fresh": {"name": "equinox", "efficiency": {"fresh_first": False}},
     "equinox-no-pairing": {"name": "equinox", "efficiency": {"pairing": False}},
     "equinox-holistic": {"name": "equinox", "weights": {"latency": 0.5, "resource": 0.5}},
 }

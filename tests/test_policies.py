@@ -373,11 +373,31 @@ def test_equinox_gap_stays_within_vtcs_bound_plus_the_slack(workload, capacity, 
 
 def test_the_slack_lets_a_user_with_a_cheap_head_go_first_and_only_within_the_slack():
     for slack, first in [(0.0, "big"), (200.0, "small"), (50.0, "big")]:
-        policy = Equinox(users("big", "small"), efficiency=Efficiency(slack_tokens=slack), dispatch="least_loaded")
+        policy = Equinox(users("big", "small"), efficiency=Efficiency(slack_tokens=slack, fresh_first=False),
+                         dispatch="least_loaded")
         policy.served["small"] = 100.0
         policy.submit(req("big1", "big", prompt=500), 0)
         policy.submit(req("small1", "small", prompt=10), 0)
         assert drain(policy)[0] == f"{first}1", slack
+
+
+def _first_after_busy_then_idle(efficiency: Efficiency, idle_owes: float = 0.0) -> str:
+    """busy queues two cheap requests and is granted one; then idle, whose queue was empty, queues an expensive one
+    and is lifted to busy's counter (plus `idle_owes`): which request goes next?"""
+    policy = Equinox(users("busy", "idle"), efficiency=efficiency, dispatch="least_loaded")
+    for rid in ("busy1", "busy2"):
+        policy.submit(req(rid, "busy", prompt=10), 0)
+    assert policy.schedule(POOL, 0).request.id == "busy1"
+    policy.submit(req("idle1", "idle", prompt=500), 1)
+    policy.served["idle"] += idle_owes
+    policy.restore({})
+    return drain(policy, now=1)[0]
+
+
+def test_a_user_back_from_idle_goes_first_within_the_slack_and_only_within_it():
+    assert _first_after_busy_then_idle(Efficiency(slack_tokens=200.0, fresh_first=True)) == "idle1"
+    assert _first_after_busy_then_idle(Efficiency(slack_tokens=200.0, fresh_first=False)) == "busy2"  # cheaper
+    assert _first_after_busy_then_idle(Efficiency(slack_tokens=200.0, fresh_first=True), idle_owes=300.0) == "busy2"
 
 
 def _doc_and_chat_waiting(efficiency: Efficiency, slow: PoolView, doc: tuple[int, int],

@@ -14,8 +14,8 @@ Inside the fairness bound, three switches (`Efficiency`) buy latency without mov
 (a) each user's queue runs cheapest first, c = w_in * prompt + w_out * min(max_tokens, the user's mean output),
     and a request overtaken `max_overtakes` times goes next;
 (b) among the backlogged users whose key is within `slack_tokens` (Delta) of the smallest, the one with the
-    smallest virtual finish, key + c(head) / weight, goes next: the gap between backlogged users stays within
-    VTC's bound + Delta;
+    smallest virtual finish, key + c(head) / weight, goes next, except that a user back from idle ranks by its key
+    alone until its first grant (`fresh_first`): the gap between backlogged users stays within VTC's bound + Delta;
 (c) on mixed GPU types, among those same users, the head request and free pool with the smallest relative time
     (its time on that pool over its time on the fastest pool of the cluster, from the pools' nominal speeds, in
     bands of `pairing_band`) are paired first: each pool gets the work it is comparatively best at (Melange, arXiv
@@ -71,6 +71,10 @@ class Efficiency:
     # between them: they come from nominal speeds and mean outputs, so finer differences are noise that would
     # override the fair order. 0: the exact relative time ranks first
     pairing_band: float = 0.25
+    # (b) a user backlogged from idle, until its first grant, ranks by its key alone (its head's cost waived), and
+    # ties go to the oldest head: the slack reorders the owed work of users who were already waiting, and a user
+    # back from idle has none. False: every user ranks by its virtual finish
+    fresh_first: bool = True
 
     def __post_init__(self) -> None:
         if self.max_overtakes < 0 or self.slack_tokens < 0 or self.candidates < 1 or self.pairing_band < 0:
@@ -119,6 +123,7 @@ class Equinox(VTC):
         self.latency_deficit: dict[str, float] = defaultdict(float)
         self.resource: dict[str, float] = defaultdict(float)
         self._admissions: dict[str, _Admission] = {}
+        self._fresh: set[str] = set()  # users backlogged from idle and not granted since
 
     def ufc(self, user: str) -> float:
         w = self.weights
@@ -138,6 +143,11 @@ class Equinox(VTC):
             "rfc": self.rfc(user),
             "holistic": self.key(user),
         }
+
+    def on_backlogged(self, user: str) -> None:
+        super().on_backlogged(user)
+        if self.efficiency.fresh_first:
+            self._fresh.add(user)
 
     def lift(self, user: str, floor: float) -> None:
         gap = floor - self.key(user)
@@ -160,7 +170,8 @@ class Equinox(VTC):
             if not fitting:
                 continue
             suited = self._suitability(head, fitting, pools) if pairing else 0.0
-            rank = (suited, key[0] + self.queues.head_cost(user) / self.weight(user))
+            finish = key[0] + self.queues.head_cost(user) / self.weight(user)
+            rank = (suited, key[0] if user in self._fresh else finish, head.arrival)
             if best_rank is None or rank < best_rank:
                 best, best_rank = user, rank
         return best
@@ -209,6 +220,7 @@ class Equinox(VTC):
 
     def on_admit(self, request: Request, pool: PoolView, prediction: Prediction | None, now: float) -> None:
         super().on_admit(request, pool, prediction if self.prepaid_output else None, now)
+        self._fresh.discard(request.user)
         resource = 0.0
         if prediction is not None:
             resource = self._resource_tokens(prediction.busy_seconds(request.prompt_tokens), pool.cost_weight, request)
