@@ -59,8 +59,10 @@ def test_requests_reach_both_pools_and_a_backlog_scales_a_pool_up_then_down(app)
 
     async def main():
         task = asyncio.create_task(load(25, 160))
+        # polled once a second: serve.status() is answered by Serve's controller, whose loop also runs the
+        # autoscaler, and five calls a second delayed its decisions past the timeout on a slow two-core machine
         scaled = await asyncio.to_thread(
-            wait_until, lambda: max(running_replicas("h100"), running_replicas("l4")) >= 2, 40)
+            wait_until, lambda: max(running_replicas("h100"), running_replicas("l4")) >= 2, 40, 1.0)
         codes = await task
         return scaled, codes
 

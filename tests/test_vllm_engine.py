@@ -92,8 +92,9 @@ def test_logprobs_come_with_every_token_and_the_greedy_token_is_the_most_likely(
     chunks = loop.run_until_complete(collect(engine.generate(request)))
     logprobs = [lp for c in chunks for lp in (c.logprobs or ())]
     assert len(logprobs) == sum(len(c.token_ids) for c in chunks) == 8
-    for lp in logprobs:
-        assert len(lp.top) == 2 and lp.logprob <= 0 and (lp.token, lp.logprob) == lp.top[0]
+    for lp in logprobs:  # the greedy token is a most likely one: the tiny model's logits can tie exactly
+        assert len(lp.top) == 2 and lp.logprob <= 0 and lp.logprob == lp.top[0][1] >= lp.top[1][1]
+        assert (lp.token, lp.logprob) in lp.top
 
 
 def test_text_prompts_are_tokenized_and_text_comes_back(engine, loop):
