@@ -4,7 +4,9 @@ columns are measured by the controller (its completion records), not simulated.
 
 Scaling, since one 2-core CPU replica is some 100 times slower than an A100: lengths are capped at 512 prompt and
 256 output tokens (the tiny model's context is 1,024), and arrival times are compressed so that the replica is
-overloaded, as the scenarios intend. Each policy runs on the same deployment, switched through the admin API.
+overloaded, as the scenarios intend. The compression comes from the replica's capacity, measured first with a closed
+loop of the workload's mean request: the arrivals ask for a set multiple of it (the load), so that the run means the
+same on a fast machine and a slow one. Each policy runs on the same deployment, switched through the admin API.
 
 The policies run in alternating rounds, each round in a rotated order, and the table shows each metric's median over
 the rounds: on a shared two-core machine the same closed loop has measured from 47 to 73 requests/s within an hour,
@@ -42,13 +44,35 @@ def capped(workload: Workload, limit: int | None = None) -> Workload:
     return Workload(workload.name, workload.users, requests)
 
 
-# name: (workload, time compression, metrics window in seconds). The compression makes the replica overloaded, so
-# that the queue forms in the controller, where the policy acts: with the coalesced serving path the replica serves
-# about 9,000 tokens/s, and at 4x and 5x it was 70% busy with TTFTs of 20 ms, a run in which no policy decides.
+# name: (workload, load, metrics window in seconds). The load is the arrivals' mean demand for output tokens over
+# the replica's measured capacity. It must overload the replica, so that the queue forms in the controller, where
+# the policy acts; too much, and every TTFT is the backlog's drain. These are the loads of the fixed compressions
+# first used (16x and 20x on a machine whose replica served about 10,000 tokens/s): VTC's two backlogged clients at
+# twice the capacity, LMSYS at 0.75 of it on average, which its bursts overload.
 WORKLOADS = {
-    "vtc-overload": (lambda: capped(synthetic.overload(duration=120.0)), 16.0, 2.0),
-    "lmsys": (lambda: capped(traces.lmsys_arena(), limit=400), 20.0, 2.0),
+    "vtc-overload": (lambda: capped(synthetic.overload(duration=120.0)), 2.0, 2.0),
+    "lmsys": (lambda: capped(traces.lmsys_arena(), limit=400), 0.75, 2.0),
 }
+CAPACITY_CLIENTS, CAPACITY_S = 32, 20.0
+
+
+def measured_capacity(base: str, workload: Workload, keys: dict[str, str]) -> float:
+    """Output tokens/s of a closed loop of the workload's mean request (its mean prompt and output lengths)."""
+    from bench.load import Load, run
+
+    prompt = int(np.mean([r.prompt_tokens for r in workload.requests]))
+    output = int(np.mean([r.output_tokens for r in workload.requests]))
+    ids = np.random.default_rng(0).integers(5, 500, prompt).tolist()
+    load = Load(f"{base}/v1/completions", "tiny-llama", ids, output, stream=True, keys=tuple(keys.values()))
+    summary = asyncio.run(run(load, CAPACITY_CLIENTS, seconds=CAPACITY_S))
+    return summary.tokens / summary.wall_s
+
+
+def compression(workload: Workload, load: float, capacity_tps: float) -> float:
+    """The factor that divides arrival times so that the arrivals ask for `load` times the capacity."""
+    requests = workload.requests
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    return load * capacity_tps * span / sum(r.output_tokens for r in requests)
 
 
 def completion_records(lines: list[str]) -> tuple[list[CompletionRecord], float]:
@@ -110,7 +134,10 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sections = []
     with default_app(users, records_path, "sk-bench") as keys:
-        for name, (workload, scale, window_s) in workloads.items():
+        for name, (workload, load, window_s) in workloads.items():
+            capacity_tps = measured_capacity(BASE_URL, workload, keys)
+            scale = compression(workload, load, capacity_tps)
+            print(f"{name}: capacity {capacity_tps:,.0f} output tokens/s, arrivals compressed {scale:.1f}x", flush=True)
             runs: dict[str, list[dict[str, float]]] = {policy: [] for policy in POLICIES}
             served: dict[str, list[str]] = {policy: [] for policy in POLICIES}
             for i, order in enumerate(rounds_in_rotation(rounds), 1):
@@ -122,8 +149,9 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
                     served[policy].append(f"{ok}/{len(workload.requests)} answered 200, {len(records)} records")
                     print(f"{name} round {i} {policy}: {served[policy][-1]}", flush=True)
             rows = {policy: medians(runs[policy]) for policy in POLICIES}
-            sections += [f"## {name}: {len(workload.requests)} requests, arrivals compressed {scale:g}x, "
-                         f"{window_s:g} s windows, medians of {rounds} rounds", "", rows_table(rows), "",
+            sections += [f"## {name}: {len(workload.requests)} requests, arrivals compressed {scale:.1f}x for {load:g}x "
+                         f"the measured capacity ({capacity_tps:,.0f} output tokens/s), {window_s:g} s windows, "
+                         f"medians of {rounds} rounds", "", rows_table(rows), "",
                          "Equinox over VTC in each round:", "", round_ratios(runs), "",
                          "Served: " + "; ".join(f"{p} {', '.join(s)}" for p, s in served.items()) + ".", ""]
     text = "\n".join(["# Scenarios 1 and 2 on the real engine (Ray Serve + vLLM CPU, tiny model), measured", "",

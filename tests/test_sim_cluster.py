@@ -150,6 +150,21 @@ def test_the_real_paths_rounds_rotate_the_policies():
         assert sorted(order[position] for order in orders) == sorted(POLICIES)
 
 
+def test_the_real_path_compresses_arrivals_to_ask_for_the_load_times_the_measured_capacity():
+    """100 s of arrivals asking for 10,000 output tokens, against a replica measured at 1,000 tokens/s: at a load of
+    2 they come 20 times faster, and then ask for 2,000 tokens/s."""
+    from bench.real_engine import compression
+    from equinox_ray.fairness.request import User
+    from equinox_ray.workloads.workload import TraceRequest
+
+    requests = [TraceRequest(t * 100 / 99, "u", 10, 100) for t in range(100)]
+    workload = Workload("w", {"u": User("u")}, requests)
+    factor = compression(workload, 2.0, 1_000.0)
+    assert factor == pytest.approx(20.0)
+    span = (requests[-1].arrival_s - requests[0].arrival_s) / factor
+    assert sum(r.output_tokens for r in requests) / span == pytest.approx(2_000.0)
+
+
 def test_the_real_paths_rows_without_a_bound_or_wall_time_render():
     """`bench real` measures no counter bound and no simulator wall time: its table says n/a for them."""
     from bench.report import rows_table
