@@ -122,3 +122,27 @@ def test_the_dashboard_shows_what_an_operator_asks_for():
     for metric in ("equinox_user_served_tokens_total", "equinox_user_queue_length", "equinox_user_ttft_seconds_bucket",
                    "equinox_jain_index", "equinox_pool_throughput_tokens_per_second", "equinox_pool_utilization"):
         assert metric in queries
+
+
+def _autoscaling_context(metrics: dict, target: int = 3):
+    """Serve's own context, as its controller builds it for a custom policy."""
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+    from ray.serve._private.common import DeploymentID
+
+    return AutoscalingContext(
+        DeploymentID("Pool-h100", "equinox"), "Pool-h100", "equinox", current_num_replicas=target,
+        target_num_replicas=target, running_replicas=[], total_num_requests=0.0, total_queued_requests=0.0,
+        aggregated_metrics=metrics, raw_metrics={}, capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=4, policy_state={}, last_scale_up_time=None, last_scale_down_time=None,
+        current_time=None, config=AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=32))
+
+
+def test_the_backlog_policy_scales_to_demand_and_keeps_the_target_without_reports():
+    from equinox_ray.serve.autoscaling import backlog_policy
+
+    busy = {"in_flight": {"a": 32.0, "b": 32.0}, "backlog": {"a": 40.0, "b": 40.0}}
+    assert backlog_policy(_autoscaling_context(busy))[0] == 4  # ceil((64 + 40) / 32)
+    idle = {"in_flight": {"a": 0.0, "b": 0.0}, "backlog": {"a": 0.0, "b": 0.0}}
+    assert backlog_policy(_autoscaling_context(idle))[0] == 1  # the minimum
+    assert backlog_policy(_autoscaling_context({}))[0] == 3  # no reports: the target stays
+    assert backlog_policy(_autoscaling_context({"in_flight": {}, "backlog": {}}))[0] == 3

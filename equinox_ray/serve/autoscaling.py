@@ -12,6 +12,11 @@ import math
 
 def backlog_policy(ctx) -> tuple[int, dict]:
     metrics = ctx.aggregated_metrics or {}
+    if not metrics.get("in_flight") and not metrics.get("backlog"):
+        # No replica reported within the look-back window (it is shorter than their metrics interval, or they are
+        # starting): no data is not zero demand, so the target stays. Read as zero, it scaled a busy pool to its
+        # minimum and stopped replicas with requests running.
+        return ctx.target_num_replicas, dict(ctx.policy_state or {})
     in_flight = sum((metrics.get("in_flight") or {}).values())
     backlog = max((metrics.get("backlog") or {}).values(), default=0.0)  # every replica reports the pool's backlog
     demand = in_flight + backlog
