@@ -62,8 +62,9 @@ class EfficiencyConfig(Strict):
                                             "fastest pool")
     pairing_band: float = Field(0.25, ge=0, description="(c) relative times within one band of this width count as "
                                                         "equally suited; the virtual finish decides. 0: exact")
-    fresh_first: bool = Field(True, description="(b) a user whose queue was empty when its head request arrived "
-                                                 "goes first among the users within Delta")
+    fresh_first: bool = Field(True, description="(b) a user backlogged from idle ranks by its counter alone, not "
+                                                 "its virtual finish, among the users within Delta until its first "
+                                                 "grant")
 
     def to_core(self) -> Efficiency:
         return Efficiency(**self.model_dump())
