@@ -6,6 +6,7 @@
     python -m bench path [--smoke]                         the serving path's cost against the engine alone
     python -m bench soak [--minutes 10] [--load 2.0]       three users at twice the capacity (bench/soak.py)
     python -m bench faults                                 kill -9 under load: pool replica, engine, controller
+    python -m bench churn [--cycles 3]                     a pool scaling up and down under load loses nothing
     python -m bench peers                                  vllm bench serve and guidellm, ours against vLLM's server
     python -m bench sweep SETTING VALUE ...                one policy setting at several values against VTC
 """
@@ -138,6 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench.faults import main as faults_main
 
         sys.exit(faults_main(argv[1:]))
+    if argv[:1] == ["churn"]:
+        from bench.churn import main as churn_main
+
+        sys.exit(churn_main(argv[1:]))
     if argv[:1] == ["sweep"]:
         from bench.sweep import main as sweep_main
 
@@ -163,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     path.add_argument("--out", type=Path, default=RESULTS)
     sub.add_parser("soak", help="three users at twice the capacity: python -m bench soak --help")
     sub.add_parser("faults", help="kill -9 under load: python -m bench faults --help")
+    sub.add_parser("churn", help="autoscaling under load: python -m bench churn --help")
     sub.add_parser("sweep", help="one policy setting at several values against VTC: python -m bench sweep --help")
     sub.add_parser("peers", help="peer load generators against us and vLLM: python -m bench peers --help")
     args = parser.parse_args(argv)

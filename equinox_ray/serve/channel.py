@@ -54,5 +54,7 @@ class Channel:
             self._last_sent = loop.time()
             if batch:
                 yield batch
-            if self._closed:
+            # chunks pushed while that batch was out (a draining replica closes a channel right after its last
+            # request's last chunk) go before the end
+            if self._closed and not self._pending:
                 return
