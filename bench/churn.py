@@ -124,7 +124,8 @@ def report(rows: list[dict], events: tuple[int, int, int], samples: list[tuple[f
              "", "| cycle | phase | sent | outcomes | streams not completed |", "|---|---|---|---|---|"]
     for row in rows:
         outcomes = ", ".join(f"{k} {v}" for k, v in row["outcomes"].items())
-        lines.append(f"| {row['cycle']} | {row['phase']} | {row['sent']} | {outcomes} | {row['streams_not_completed']} |")
+        lines.append(f"| {row['cycle']} | {row['phase']} | {row['sent']} | {outcomes} | "
+                     f"{row['streams_not_completed']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,7 @@ columns are measured by the controller (its completion records), not simulated.
 Scaling, since one 2-core CPU replica is some 100 times slower than an A100: lengths are capped at 512 prompt and
 256 output tokens (the tiny model's context is 1,024), and arrival times are compressed so that the replica is
 overloaded, as the scenarios intend. The compression comes from the replica's capacity, measured first with a closed
-loop of the workload's mean request: the arrivals ask for a set multiple of it (the load), so that the run means the
+loop of the workload's own requests: the arrivals ask for a set multiple of it (the load), so that the run means the
 same on a fast machine and a slow one. Each policy runs on the same deployment, switched through the admin API.
 
 The policies run in alternating rounds, each round in a rotated order, and the table shows each metric's median over
@@ -26,13 +26,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import yaml
 
 from bench.report import goal_ratios, record_metrics, rows_table
 from equinox_ray.fairness.metrics import CompletionRecord
 from equinox_ray.workloads import synthetic, traces
 from equinox_ray.workloads.workload import TraceRequest, Workload
 
-POLICIES = ("fcfs", "vtc", "equinox")
+POLICIES = ("fcfs", "vtc", "equinox", "equinox-fifo")
 MAX_PROMPT, MAX_OUTPUT = 512, 256
 ADMIN = "sk-admin-demo-key"
 MIN_WAIT_S = 0.05  # on the real path every grant takes a few ms: a user is backlogged if a request waited longer
@@ -53,19 +54,45 @@ WORKLOADS = {
     "vtc-overload": (lambda: capped(synthetic.overload(duration=120.0)), 2.0, 2.0),
     "lmsys": (lambda: capped(traces.lmsys_arena(), limit=400), 0.75, 2.0),
 }
-CAPACITY_CLIENTS, CAPACITY_S = 32, 20.0
+CAPACITY_S = 30.0
+# The rows: each policy as the admin API sets it. equinox-fifo is Equinox with each user's queue FIFO, the ablation
+# of the within-user reordering (the suite's row of that name)
+POLICY_CONFIGS = {"fcfs": {"name": "fcfs"}, "vtc": {"name": "vtc"}, "equinox": {"name": "equinox"},
+                  "equinox-fifo": {"name": "equinox", "efficiency": {"max_overtakes": 0}}}
 
 
-def measured_capacity(base: str, workload: Workload, keys: dict[str, str]) -> float:
-    """Output tokens/s of a closed loop of the workload's mean request (its mean prompt and output lengths)."""
-    from bench.load import Load, run
+class TraceMix:
+    """The workload's own requests in a closed loop, cycled: the capacity of the mix the replay will send."""
 
-    prompt = int(np.mean([r.prompt_tokens for r in workload.requests]))
-    output = int(np.mean([r.output_tokens for r in workload.requests]))
-    ids = np.random.default_rng(0).integers(5, 500, prompt).tolist()
-    load = Load(f"{base}/v1/completions", "tiny-llama", ids, output, stream=True, keys=tuple(keys.values()))
-    summary = asyncio.run(run(load, CAPACITY_CLIENTS, seconds=CAPACITY_S))
-    return summary.tokens / summary.wall_s
+    def __init__(self, base: str, workload: Workload) -> None:
+        from bench.load import Load
+
+        rng = np.random.default_rng(0)
+        self.loads = [Load(f"{base}/v1/completions", "tiny-llama",
+                           rng.integers(5, 500, max(1, r.prompt_tokens)).tolist(), max(1, r.output_tokens), True)
+                      for r in workload.requests]
+        self.i = 0
+
+    def next(self):
+        self.i += 1
+        return self.loads[(self.i - 1) % len(self.loads)]
+
+
+def admission_window() -> int:
+    """The default app's pool admission window (deploy/equinox.yaml)."""
+    from equinox_ray.serve.paths import PROJECT_ROOT
+
+    args = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
+    return int(args["pools"][0]["admission"]["max_window"])
+
+
+def measured_capacity(base: str, workload: Workload, keys: dict[str, str], window: int) -> float:
+    """Output tokens/s the replica delivers in a closed loop of the workload's own requests, with twice its admission
+    window of clients (so that it is full), counting the tokens streamed within the loop's time, not its drain."""
+    from bench.soak import capacity
+
+    _, tokens_per_s = asyncio.run(capacity(keys, CAPACITY_S, TraceMix(base, workload).next, clients=2 * window))
+    return tokens_per_s
 
 
 def compression(workload: Workload, load: float, capacity_tps: float) -> float:
@@ -93,7 +120,7 @@ def run_one(base: str, workload: Workload, keys: dict[str, str], scale: float, r
             policy: str) -> tuple[list[str], int]:
     from equinox_ray.workloads.http_replay import replay_over_http
 
-    response = httpx.put(f"{base}/v1/admin/policy", json={"name": policy},
+    response = httpx.put(f"{base}/v1/admin/policy", json=POLICY_CONFIGS[policy],
                          headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
     response.raise_for_status()
     before = records_path.read_text().splitlines() if records_path.exists() else []
@@ -135,7 +162,7 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
     sections = []
     with default_app(users, records_path, "sk-bench") as keys:
         for name, (workload, load, window_s) in workloads.items():
-            capacity_tps = measured_capacity(BASE_URL, workload, keys)
+            capacity_tps = measured_capacity(BASE_URL, workload, keys, admission_window())
             scale = compression(workload, load, capacity_tps)
             print(f"{name}: capacity {capacity_tps:,.0f} output tokens/s, arrivals compressed {scale:.1f}x", flush=True)
             runs: dict[str, list[dict[str, float]]] = {policy: [] for policy in POLICIES}
@@ -158,7 +185,9 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
                       __doc__.split("\n\n")[1].replace("\n", " "), "",
                       __doc__.split("\n\n")[2].replace("\n", " "), "",
                       f"Run with `python -m bench real --rounds {rounds}`. GPU busy is the engine's own measured busy "
-                      "fraction (mean over requests). Counter gaps are not measured on the real path (n/a).", "",
+                      "fraction (mean over requests). Counter gaps are not measured on the real path (n/a). "
+                      "`equinox-fifo`: Equinox with each user's queue FIFO (`max_overtakes: 0`), the ablation of "
+                      "the within-user order.", "",
                       *sections])
     path = out / "real-engine.md"
     path.write_text(text)

@@ -31,6 +31,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import numpy as np
@@ -80,9 +81,11 @@ class Requests:
         return Load(URL, "tiny-llama", prompt, int(self.rng.integers(*OUTPUT_TOKENS)), stream=True)
 
 
-async def capacity(keys: dict[str, str], seconds: float, requests: Requests) -> tuple[float, float]:
-    """Requests/s and output tokens/s of a closed loop that keeps the engine full, counted as the soak counts what
-    it delivered: the tokens streamed within the `seconds`, not the drain after them, when no new request comes."""
+async def capacity(keys: dict[str, str], seconds: float, next_request: Callable[[], Load],
+                   clients: int = CAPACITY_CLIENTS) -> tuple[float, float]:
+    """Requests/s and output tokens/s of a closed loop of `clients` that keeps the engine full (more clients than
+    its admission window), counted as the soak counts what it delivered: the tokens streamed within the `seconds`,
+    not the drain after them, when no new request comes."""
     done: list[Sent] = []
     deadline = time.perf_counter() + seconds
 
@@ -90,10 +93,10 @@ async def capacity(keys: dict[str, str], seconds: float, requests: Requests) -> 
         key = list(keys.values())[i % len(keys)]
         while time.perf_counter() < deadline:
             at_s = seconds - (deadline - time.perf_counter())
-            done.append(Sent("capacity", at_s, await attempt(session, requests.next(), key)))
+            done.append(Sent("capacity", at_s, await attempt(session, next_request(), key)))
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        await asyncio.gather(*(client(i, session) for i in range(CAPACITY_CLIENTS)))
+        await asyncio.gather(*(client(i, session) for i in range(clients)))
     ok = [s for s in done if s.result.complete]
     if not ok:
         raise SystemExit(f"no request completed: {Counter((s.result.status, s.result.error) for s in done)}")
@@ -279,16 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     cores = {}
     cpu.server_at_client_priority()
     with default_app(users, None, "sk-soak", overrides) as keys:
-        asyncio.run(capacity(keys, 10.0, requests))  # warm-up: compile paths, fill caches
+        asyncio.run(capacity(keys, 10.0, requests.next))  # warm-up: compile paths, fill caches
         with cpu_use(cores, "capacity"):
-            capacity_rps, capacity_tps = asyncio.run(capacity(keys, args.capacity_s, requests))
+            capacity_rps, capacity_tps = asyncio.run(capacity(keys, args.capacity_s, requests.next))
         print(f"capacity: {capacity_rps:.1f} requests/s, {capacity_tps:,.0f} tokens/s", flush=True)
         rate = args.load * capacity_rps
         fullness: list[float] = []
         with cpu_use(cores, "soak"):
             sent, _ = asyncio.run(soak(keys, rate, args.minutes * 60, args.bound_s, requests, args.seed, fullness))
         with cpu_use(cores, "capacity after"):  # every soak request has been answered: the queues are empty
-            _, capacity_after_tps = asyncio.run(capacity(keys, args.capacity_s, requests))
+            _, capacity_after_tps = asyncio.run(capacity(keys, args.capacity_s, requests.next))
         print(f"capacity after the soak: {capacity_after_tps:,.0f} tokens/s", flush=True)
     summary = {**summarize(sent, args.minutes * 60, capacity_rps, (capacity_tps, capacity_after_tps), rate,
                            fullness), "cpu": cores, "engine": args.engine}
