@@ -400,6 +400,22 @@ def test_a_user_back_from_idle_goes_first_within_the_slack_and_only_within_it():
     assert _first_after_busy_then_idle(Efficiency(slack_tokens=200.0, fresh_first=True), idle_owes=300.0) == "busy2"
 
 
+def test_a_deep_queues_cheapest_request_wins_the_virtual_finish_unless_it_counts_the_oldest():
+    """deep has an expensive request and then a cheap one waiting, single one request between the two; counters are
+    equal. Ranked by the request (a) puts first, deep's cheap one beats single's (shortest job first across users,
+    which favours whoever has the most waiting); ranked by each user's oldest, single's cheaper request goes first."""
+    def first(finish_by_oldest: bool) -> str:
+        efficiency = Efficiency(slack_tokens=4096.0, fresh_first=False, finish_by_oldest=finish_by_oldest)
+        policy = Equinox(users("deep", "single"), efficiency=efficiency, dispatch="least_loaded")
+        policy.submit(req("deep-long", "deep", prompt=400), 0)
+        policy.submit(req("deep-short", "deep", prompt=10), 0)
+        policy.submit(req("single", "single", prompt=200), 0)
+        return drain(policy, now=0)[0]
+
+    assert first(finish_by_oldest=False) == "deep-short"
+    assert first(finish_by_oldest=True) == "single"
+
+
 def _doc_and_chat_waiting(efficiency: Efficiency, slow: PoolView, doc: tuple[int, int],
                           chat: tuple[int, int]) -> Equinox:
     """Users doc and chat, each with one (prompt, output) request waiting and that output as their mean (taught by

@@ -75,6 +75,10 @@ class Efficiency:
     # ties go to the oldest head: the slack reorders the owed work of users who were already waiting, and a user
     # back from idle has none. False: every user ranks by its virtual finish
     fresh_first: bool = True
+    # (b) a user's virtual finish counts the cost of its oldest waiting request, not of the request (a) put first: a
+    # user with a deep queue always has a cheap request, and ranking users by it makes (b) shortest job first across
+    # users, which favours the deepest queues over users with one request waiting
+    finish_by_oldest: bool = False
 
     def __post_init__(self) -> None:
         if self.max_overtakes < 0 or self.slack_tokens < 0 or self.candidates < 1 or self.pairing_band < 0:
@@ -170,7 +174,8 @@ class Equinox(VTC):
             if not fitting:
                 continue
             suited = self._suitability(head, fitting, pools) if pairing else 0.0
-            finish = key[0] + self.queues.head_cost(user) / self.weight(user)
+            cost = self.queues.oldest_cost(user) if self.efficiency.finish_by_oldest else self.queues.head_cost(user)
+            finish = key[0] + cost / self.weight(user)
             rank = (suited, key[0] if user in self._fresh else finish, head.arrival)
             if best_rank is None or rank < best_rank:
                 best, best_rank = user, rank

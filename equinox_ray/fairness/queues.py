@@ -46,11 +46,14 @@ class _UserQueue:
         self.size += 1
         return entry
 
-    def head(self) -> _Waiting:
+    def oldest(self) -> _Waiting:
         fifo = self.fifo
         while fifo[0].gone:
             fifo.popleft()
-        oldest = fifo[0]
+        return fifo[0]
+
+    def head(self) -> _Waiting:
+        oldest = self.oldest()
         if not self.max_overtakes or self.departures - oldest.ahead >= self.max_overtakes:
             return oldest
         by_cost = self.by_cost
@@ -85,6 +88,9 @@ class UserQueues:
 
     def head_cost(self, user: str) -> float:
         return self._queues[user].head().cost
+
+    def oldest_cost(self, user: str) -> float:
+        return self._queues[user].oldest().cost
 
     def pop(self, user: str) -> Request:
         queue = self._queues[user]

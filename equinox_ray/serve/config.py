@@ -65,6 +65,9 @@ class EfficiencyConfig(Strict):
     fresh_first: bool = Field(True, description="(b) a user backlogged from idle ranks by its counter alone, not "
                                                  "its virtual finish, among the users within Delta until its first "
                                                  "grant")
+    finish_by_oldest: bool = Field(False, description="(b) a user's virtual finish counts its oldest waiting "
+                                                      "request's cost, not that of the request (a) put first, so "
+                                                      "that (b) does not favour the deepest queues")
 
     def to_core(self) -> Efficiency:
         return Efficiency(**self.model_dump())
