@@ -29,11 +29,12 @@ import numpy as np
 import yaml
 
 from bench.report import goal_ratios, record_metrics, rows_table
+from bench.suite import POLICIES as SUITE_POLICIES  # each row's config, as the admin API takes it
 from equinox_ray.fairness.metrics import CompletionRecord
 from equinox_ray.workloads import synthetic, traces
 from equinox_ray.workloads.workload import TraceRequest, Workload
 
-POLICIES = ("fcfs", "vtc", "equinox", "equinox-fifo")
+POLICIES = ("fcfs", "vtc", "equinox", "equinox-fifo")  # equinox-fifo: the ablation of the within-user order
 MAX_PROMPT, MAX_OUTPUT = 512, 256
 ADMIN = "sk-admin-demo-key"
 MIN_WAIT_S = 0.05  # on the real path every grant takes a few ms: a user is backlogged if a request waited longer
@@ -57,10 +58,6 @@ WORKLOADS = {
     "lmsys": (lambda: capped(traces.lmsys_arena(), limit=400), 1.0, 2.0),
 }
 CAPACITY_S = 30.0
-# The rows: each policy as the admin API sets it. equinox-fifo is Equinox with each user's queue FIFO, the ablation
-# of the within-user reordering (the suite's row of that name)
-POLICY_CONFIGS = {"fcfs": {"name": "fcfs"}, "vtc": {"name": "vtc"}, "equinox": {"name": "equinox"},
-                  "equinox-fifo": {"name": "equinox", "efficiency": {"max_overtakes": 0}}}
 
 
 class TraceMix:
@@ -122,7 +119,7 @@ def run_one(base: str, workload: Workload, keys: dict[str, str], scale: float, r
             policy: str) -> tuple[list[str], int]:
     from equinox_ray.workloads.http_replay import replay_over_http
 
-    response = httpx.put(f"{base}/v1/admin/policy", json=POLICY_CONFIGS[policy],
+    response = httpx.put(f"{base}/v1/admin/policy", json=SUITE_POLICIES[policy],
                          headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
     response.raise_for_status()
     before = records_path.read_text().splitlines() if records_path.exists() else []
