@@ -5,6 +5,7 @@ from equinox_ray.fairness import (
     FCFS, VTC, Efficiency, Equinox, EquinoxWeights, InvalidRequest, MovingAveragePredictor, Outcome, Prediction, PoolView, Request,
     UnknownUser, User, ZeroOutputPredictor,
 )
+from equinox_ray.fairness.queues import UserQueues
 from token_loop import max_gap_while_backlogged, run
 
 POOL = [PoolView("p", free_slots=8, free_kv_tokens=10_000)]
@@ -452,3 +453,14 @@ def test_pairing_gives_a_free_slow_pool_the_request_it_slows_least():
         policy = _doc_and_chat_waiting(efficiency, slow, doc=(2000, 10), chat=(20, 400))
         grant = policy.schedule([fast, slow], 2)
         assert (grant.request.id, grant.pool) == (first, "l4"), pairing
+
+
+def test_a_queue_deeper_than_the_reorder_depth_runs_fifo_and_cheapest_first_once_it_is_not():
+    def order(max_depth: int) -> list[str]:
+        queues = UserQueues(max_overtakes=16, max_depth=max_depth)
+        for rid, cost in [("long", 100.0), ("short1", 1.0), ("short2", 2.0)]:
+            queues.push(req(rid, "u"), cost)
+        return [queues.pop("u").id for _ in range(3)]
+
+    assert order(max_depth=0) == ["short1", "short2", "long"]
+    assert order(max_depth=2) == ["long", "short1", "short2"]

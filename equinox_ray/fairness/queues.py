@@ -29,8 +29,9 @@ class _UserQueue:
     all. Its count is the departures since it arrived beyond those that were ahead of it (a cancelled younger
     request counts too: rare, and it only makes the cap stricter)."""
 
-    def __init__(self, max_overtakes: int) -> None:
+    def __init__(self, max_overtakes: int, max_depth: int = 0) -> None:
         self.max_overtakes = max_overtakes
+        self.max_depth = max_depth
         self.fifo: deque[_Waiting] = deque()
         self.by_cost: list[tuple[float, int, _Waiting]] = []
         self.departures = 0
@@ -54,7 +55,8 @@ class _UserQueue:
 
     def head(self) -> _Waiting:
         oldest = self.oldest()
-        if not self.max_overtakes or self.departures - oldest.ahead >= self.max_overtakes:
+        if (not self.max_overtakes or self.departures - oldest.ahead >= self.max_overtakes
+                or (self.max_depth and self.size > self.max_depth)):
             return oldest
         by_cost = self.by_cost
         while by_cost[0][2].gone:
@@ -68,10 +70,11 @@ class _UserQueue:
 
 
 class UserQueues:
-    def __init__(self, max_overtakes: int = 0) -> None:
-        if max_overtakes < 0:
-            raise ValueError(f"max_overtakes must be >= 0, got {max_overtakes}")
+    def __init__(self, max_overtakes: int = 0, max_depth: int = 0) -> None:
+        if max_overtakes < 0 or max_depth < 0:
+            raise ValueError(f"max_overtakes and max_depth must be >= 0, got {max_overtakes}, {max_depth}")
         self.max_overtakes = max_overtakes
+        self.max_depth = max_depth
         self._queues: dict[str, _UserQueue] = {}
         self._where: dict[str, tuple[_UserQueue, _Waiting]] = {}  # request id -> its queue and entry
 
@@ -80,7 +83,7 @@ class UserQueues:
             raise ValueError(f"request {request.id!r} is already queued")
         queue = self._queues.get(request.user)
         if queue is None:
-            queue = self._queues[request.user] = _UserQueue(self.max_overtakes)
+            queue = self._queues[request.user] = _UserQueue(self.max_overtakes, self.max_depth)
         self._where[request.id] = (queue, queue.push(request, cost))
 
     def head(self, user: str) -> Request:

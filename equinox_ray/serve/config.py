@@ -54,6 +54,8 @@ class EfficiencyConfig(Strict):
 
     max_overtakes: int = Field(16, ge=0, description="(a) each user's queue cheapest first; a request overtaken "
                                                      "this often goes next. 0: FIFO")
+    max_reorder_depth: int = Field(8, ge=0, description="(a) the order applies while the user has at most this "
+                                                        "many requests waiting; deeper, FIFO. 0: any depth")
     slack_tokens: float = Field(4096.0, ge=0, description="(b) Delta: users within this of the smallest counter "
                                                           "compete by virtual finish. 0: smallest counter only")
     candidates: int = Field(8, ge=1, description="(b) users compared per decision")
