@@ -25,6 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.faults import outcome
 from bench.load import Load, attempt
 from equinox_ray.fairness.request import User
 
@@ -38,14 +39,6 @@ POOL = {"name": "gpu", "gpu_type": "CPU", "engine": "sim", "num_cpus": 0.25,
                         "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 4}}
 # (clients, max_tokens, seconds): heavy builds a backlog, light keeps long requests running under the target
 HEAVY, LIGHT = (96, 32, 20.0), (8, 768, 25.0)
-
-
-def outcome(result) -> str:
-    if result.complete:
-        return "completed"
-    if result.status == 0 or result.error == "cut":
-        return "lost"
-    return f"{result.status} {result.error}"
 
 
 class ReplicaWatch(threading.Thread):

@@ -28,10 +28,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-import yaml
 
 from bench import cpu
 from bench.load import Load, one, run
+from equinox_ray.serve.local import default_args
 from equinox_ray.serve.paths import PROJECT_ROOT
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,7 +40,7 @@ VLLM_PORT = 8100
 
 
 def equinox_args() -> dict:
-    args = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
+    args = default_args()
     args["limits"]["max_queue_per_user"] = 4096
     args["telemetry"] = {"exporter": "none"}
     return args

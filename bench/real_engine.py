@@ -19,6 +19,7 @@ are listed below the table, so that the spread is seen.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import tempfile
 import time
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import yaml
 
 from bench.report import goal_ratios, record_metrics, rows_table
 from bench.suite import POLICIES as SUITE_POLICIES  # each row's config, as the admin API takes it
@@ -60,29 +60,21 @@ WORKLOADS = {
 CAPACITY_S = 30.0
 
 
-class TraceMix:
-    """The workload's own requests in a closed loop, cycled: the capacity of the mix the replay will send."""
+def trace_mix(base: str, workload: Workload):
+    """The workload's own requests, cycled without end: the mix the replay will send, for a closed loop."""
+    from bench.load import Load
 
-    def __init__(self, base: str, workload: Workload) -> None:
-        from bench.load import Load
-
-        rng = np.random.default_rng(0)
-        self.loads = [Load(f"{base}/v1/completions", "tiny-llama",
-                           rng.integers(5, 500, max(1, r.prompt_tokens)).tolist(), max(1, r.output_tokens), True)
-                      for r in workload.requests]
-        self.i = 0
-
-    def next(self):
-        self.i += 1
-        return self.loads[(self.i - 1) % len(self.loads)]
+    rng = np.random.default_rng(0)
+    return itertools.cycle([Load(f"{base}/v1/completions", "tiny-llama",
+                                 rng.integers(5, 500, max(1, r.prompt_tokens)).tolist(), max(1, r.output_tokens),
+                                 True) for r in workload.requests]).__next__
 
 
 def admission_window() -> int:
     """The default app's pool admission window (deploy/equinox.yaml)."""
-    from equinox_ray.serve.paths import PROJECT_ROOT
+    from equinox_ray.serve.local import default_args
 
-    args = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
-    return int(args["pools"][0]["admission"]["max_window"])
+    return int(default_args()["pools"][0]["admission"]["max_window"])
 
 
 def measured_capacity(base: str, workload: Workload, keys: dict[str, str], window: int) -> float:
@@ -90,7 +82,7 @@ def measured_capacity(base: str, workload: Workload, keys: dict[str, str], windo
     window of clients (so that it is full), counting the tokens streamed within the loop's time, not its drain."""
     from bench.soak import capacity
 
-    _, tokens_per_s = asyncio.run(capacity(keys, CAPACITY_S, TraceMix(base, workload).next, clients=2 * window))
+    _, tokens_per_s = asyncio.run(capacity(keys, CAPACITY_S, trace_mix(base, workload), clients=2 * window))
     return tokens_per_s
 
 

@@ -84,9 +84,10 @@ class Efficiency:
     finish_by_oldest: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_overtakes < 0 or self.max_reorder_depth < 0 or self.slack_tokens < 0 or self.candidates < 1 or self.pairing_band < 0:
-            raise ValueError("Efficiency needs max_overtakes >= 0, slack_tokens >= 0, candidates >= 1, "
-                             f"pairing_band >= 0: {self}")
+        if (self.max_overtakes < 0 or self.max_reorder_depth < 0 or self.slack_tokens < 0 or self.candidates < 1
+                or self.pairing_band < 0):
+            raise ValueError("Efficiency needs max_overtakes >= 0, max_reorder_depth >= 0, slack_tokens >= 0, "
+                             f"candidates >= 1, pairing_band >= 0: {self}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,11 @@ from equinox_ray.serve.paths import PROJECT_ROOT
 BASE_URL = "http://127.0.0.1:8000"
 
 
+def default_args() -> dict:
+    """The default application's args, as deploy/equinox.yaml gives them to the builder."""
+    return yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
+
+
 @contextmanager
 def default_app(users: Mapping[str, User], records_path: Path | None, key_prefix: str,
                 overrides: Mapping[str, dict] | None = None) -> Iterator[dict[str, str]]:
@@ -33,7 +38,7 @@ def default_app(users: Mapping[str, User], records_path: Path | None, key_prefix
     from equinox_ray.serve.config import AppConfig
 
     keys = {user: f"{key_prefix}-{i:04d}-key" for i, user in enumerate(sorted(users))}
-    config = yaml.safe_load((PROJECT_ROOT / "deploy" / "equinox.yaml").read_text())["applications"][0]["args"]
+    config = default_args()
     config["users"] = [{"name": u, "key": {"sha256": digest(keys[u])}, "weight": users[u].weight} for u in sorted(users)]
     config["records_path"] = str(Path(records_path).resolve()) if records_path is not None else None
     config["limits"]["max_queue_per_user"] = 4096
