@@ -23,11 +23,13 @@ import itertools
 import json
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from bench import cpu
 from bench.report import goal_ratios, record_metrics, rows_table
 from bench.suite import POLICIES as SUITE_POLICIES  # each row's config, as the admin API takes it
 from equinox_ray.fairness.metrics import CompletionRecord
@@ -108,18 +110,41 @@ def completion_records(lines: list[str]) -> tuple[list[CompletionRecord], float]
 
 
 def run_one(base: str, workload: Workload, keys: dict[str, str], scale: float, records_path: Path,
-            policy: str) -> tuple[list[str], int]:
+            policy: str) -> tuple[list[str], int, dict[str, float]]:
+    """The controller's record lines of one replay, how many requests were answered 200, and the CPU seconds each
+    kind of process spent during it (bench/cpu.py)."""
     from equinox_ray.workloads.http_replay import replay_over_http
 
     response = httpx.put(f"{base}/v1/admin/policy", json=SUITE_POLICIES[policy],
                          headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
     response.raise_for_status()
     before = records_path.read_text().splitlines() if records_path.exists() else []
+    cpu_before = cpu.snapshot()
     results = asyncio.run(replay_over_http(base, workload, keys, "tiny-llama", time_scale=scale,
                                            max_prompt=MAX_PROMPT, max_output=MAX_OUTPUT))
     time.sleep(1.0)  # the last finish reports reach the controller
+    used = cpu.spent(cpu_before, cpu.snapshot())
     after = records_path.read_text().splitlines()
-    return after[len(before):], sum(r.status == 200 for r in results)
+    return after[len(before):], sum(r.status == 200 for r in results), used
+
+
+def engine_and_cpu(records: list[CompletionRecord], used: dict[str, float]) -> dict[str, float]:
+    """Where a run's time and CPU went: the mean time from first token to finish (the engine's pace, which CPU
+    taken by other processes on a shared machine slows), and CPU milliseconds per request of the controller, the
+    pool (with its engine) and everything else a request crosses."""
+    n = max(len(records), 1)
+    return {"decode_mean_s": float(np.mean([r.finish - r.first_token for r in records])) if records else float("nan"),
+            "controller_ms": 1e3 * used["controller"] / n, "pool_ms": 1e3 * used["pool"] / n,
+            "other_ms": 1e3 * sum(v for k, v in used.items() if k not in ("controller", "pool")) / n}
+
+
+def cpu_table(rows: dict[str, dict[str, float]]) -> str:
+    lines = ["| policy | first token to finish, mean s | controller CPU ms/request | pool CPU ms/request | "
+             "other CPU ms/request |", "|---|---:|---:|---:|---:|"]
+    for policy, m in rows.items():
+        lines.append(f"| {policy} | {m['decode_mean_s']:.2f} | {m['controller_ms']:.1f} | {m['pool_ms']:.1f} | "
+                     f"{m['other_ms']:.1f} |")
+    return "\n".join(lines)
 
 
 def rounds_in_rotation(rounds: int) -> list[list[str]]:
@@ -156,7 +181,7 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
     users = {u: w.users[u] for w, _, _ in workloads.values() for u in w.users}
     records_path = Path(tempfile.mkdtemp()) / "records.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    sections = []
+    sections, kept = [], []
     with default_app(users, records_path, "sk-bench") as keys:
         for name, (workload, load, window_s) in workloads.items():
             capacity_tps = measured_capacity(BASE_URL, workload, keys, admission_window())
@@ -166,10 +191,11 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
             served: dict[str, list[str]] = {policy: [] for policy in POLICIES}
             for i, order in enumerate(rounds_in_rotation(rounds), 1):
                 for policy in order:
-                    lines, ok = run_one(BASE_URL, workload, keys, scale, records_path, policy)
+                    lines, ok, used = run_one(BASE_URL, workload, keys, scale, records_path, policy)
                     records, busy = completion_records(lines)
                     runs[policy].append({**record_metrics(records, workload, window_s, min_wait_s=MIN_WAIT_S),
-                                         "utilization": busy})
+                                         "utilization": busy, **engine_and_cpu(records, used)})
+                    kept += [{"scenario": name, "round": i, "policy": policy, **asdict(r)} for r in records]
                     served[policy].append(f"{ok}/{len(workload.requests)} answered 200, {len(records)} records")
                     print(f"{name} round {i} {policy}: {served[policy][-1]}", flush=True)
             rows = {policy: medians(runs[policy]) for policy in POLICIES}
@@ -177,6 +203,8 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
                          f"the measured capacity ({capacity_tps:,.0f} output tokens/s), {window_s:g} s windows, "
                          f"medians of {rounds} rounds", "", rows_table(rows), "",
                          "Equinox over VTC in each round:", "", round_ratios(runs), "",
+                         "Where the time and CPU went (medians over the rounds; CPU of every process a request "
+                         "crosses, bench/cpu.py):", "", cpu_table(rows), "",
                          "Served: " + "; ".join(f"{p} {', '.join(s)}" for p, s in served.items()) + ".", ""]
     text = "\n".join(["# Scenarios 1 and 2 on the real engine (Ray Serve + vLLM CPU, tiny model), measured", "",
                       __doc__.split("\n\n")[1].replace("\n", " "), "",
@@ -188,4 +216,6 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
                       *sections])
     path = out / "real-engine.md"
     path.write_text(text)
+    # every request of every run, for questions the table does not answer (which requests a policy delayed)
+    (out / "real-engine-records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     print(text)
