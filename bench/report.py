@@ -10,8 +10,8 @@ import numpy as np
 
 from bench.suite import Run
 from equinox_ray.engines.gpu_profiles import StepModel
-from equinox_ray.fairness.metrics import (CompletionRecord, backlogged_pair_gap, jain_per_window, percentiles,
-                                          service_difference, steady_throughput, throughput, windowed_service)
+from equinox_ray.fairness.metrics import (CompletionRecord, backlogged_pair_gap, jain_per_window, passed_by,
+                                          percentiles, service_difference, steady_throughput, throughput, windowed_service)
 from equinox_ray.workloads.workload import Workload
 
 W_IN, W_OUT = 1.0, 2.0
@@ -69,7 +69,9 @@ def record_metrics(records: Sequence[CompletionRecord], workload: Workload, wind
     ttft = [r.ttft for r in records]
     e2e = [r.e2e for r in records]
     ttft_p, e2e_p = percentiles(ttft), percentiles(e2e)
-    light_p = percentiles([r.ttft for r in records if r.user in light])
+    light_records = [r for r in records if r.user in light]
+    light_p = percentiles([r.ttft for r in light_records])
+    slowest_light = max(light_records, key=lambda r: r.ttft, default=None)
     jain = jain_per_window(ws)
     _, sd_avg = service_difference(ws)
     return {
@@ -79,6 +81,8 @@ def record_metrics(records: Sequence[CompletionRecord], workload: Workload, wind
         "e2e_mean": float(np.mean(e2e)) if e2e else float("nan"), "e2e_p50": e2e_p["p50"], "e2e_p99": e2e_p["p99"],
         "jain": float(np.nanmean(jain)) if np.isfinite(jain).any() else float("nan"), "sd_avg": sd_avg,
         "pair_gap": backlogged_pair_gap(windowed_service(records, workload.users, PAIR_WINDOW_S)),
+        # other users' grants while the slowest light request waited: 0 means no policy could have started it sooner
+        "light_slowest_passed": float("nan") if slowest_light is None else passed_by(records, slowest_light),
     }
 
 

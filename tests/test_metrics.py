@@ -80,3 +80,17 @@ def test_steady_throughput_leaves_out_the_drain_tail_after_the_last_arrival():
                CompletionRecord("b", "u", 10.0, 10.0, 10.0, 110.0, 0, 100)]  # starts at the last arrival
     assert steady_throughput(records) == 10.0
     assert throughput(records) < 2.0
+
+
+def test_passed_by_counts_other_users_grants_while_a_request_waited():
+    from equinox_ray.fairness.metrics import passed_by
+
+    waiting = rec("w", "light", 1.0, 5.0, 5.1, 6.0)
+    records = [waiting,
+               rec("1", "heavy", 0.0, 2.0, 2.1, 9.0),  # granted while it waited
+               rec("2", "heavy", 0.5, 4.9, 5.0, 9.0),  # granted while it waited
+               rec("3", "heavy", 0.0, 0.5, 0.6, 9.0),  # granted before it arrived
+               rec("4", "light", 1.5, 3.0, 3.1, 4.0),  # its own user's: not another user's choice
+               rec("5", "heavy", 2.0, 5.5, 5.6, 9.0)]  # granted after it
+    assert passed_by(records, waiting) == 2
+    assert passed_by(records, records[3]) == 0

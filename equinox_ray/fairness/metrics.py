@@ -158,6 +158,13 @@ def steady_throughput(records: Sequence[CompletionRecord]) -> float:
     return float((tokens * inside).sum() / (end - start))
 
 
+def passed_by(records: Sequence[CompletionRecord], waiting: CompletionRecord) -> int:
+    """How many requests of other users were granted while `waiting` waited (after it arrived, before its grant).
+    0 says its wait was for capacity (every slot busy), not the policy's choice of someone else."""
+    return sum(1 for r in records
+               if r.user != waiting.user and waiting.arrival < r.granted < waiting.granted)
+
+
 def percentiles(values: Sequence[float], qs=(50, 99)) -> dict[str, float]:
     x = np.asarray(values, dtype=float)
     return {f"p{q}": (float(np.percentile(x, q)) if x.size else float("nan")) for q in qs}
