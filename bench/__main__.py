@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     real = sub.add_parser("real", help="the real Serve + vLLM CPU path")
     real.add_argument("--scenario", nargs="+", choices=["vtc-overload", "lmsys"], default=["vtc-overload", "lmsys"])
     real.add_argument("--rounds", type=int, default=3, help="alternating rounds of the policies (medians shown)")
+    real.add_argument("--policies", nargs="+", default=None, help="the rows (default: fcfs vtc equinox "
+                      "equinox-fifo); with fewer, each round is shorter, so VTC and Equinox run closer together")
     real.add_argument("--out", type=Path, default=RESULTS)
     path = sub.add_parser("path", help="the serving path's CPU, throughput and latency")
     path.add_argument("--smoke", action="store_true", help="short loads, under 2 minutes")
@@ -196,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from bench.real_engine import main as real_main
 
-        real_main(args.scenario, args.out, args.rounds)
+        from bench.real_engine import POLICIES as REAL_POLICIES
+
+        real_main(args.scenario, args.out, args.rounds, tuple(args.policies or REAL_POLICIES))
 
 
 if __name__ == "__main__":

@@ -165,10 +165,11 @@ def cpu_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def rounds_in_rotation(rounds: int) -> list[list[str]]:
+def rounds_in_rotation(rounds: int, policies: tuple[str, ...] = POLICIES) -> list[list[str]]:
     """The policies' order in each round: rotated, so that none always runs first (after the idle engine) or
     last."""
-    return [list(POLICIES[i % len(POLICIES):] + POLICIES[:i % len(POLICIES)]) for i in range(rounds)]
+    n = len(policies)
+    return [list(policies[i % n:] + policies[:i % n]) for i in range(rounds)]
 
 
 def medians(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -181,19 +182,34 @@ def medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: median([run[key] for run in runs]) for key in runs[0]}
 
 
+HIGHER_IS_BETTER = ("steady_throughput", "jain")
+
+
 def round_ratios(runs: dict[str, list[dict[str, float]]]) -> str:
-    """Equinox over VTC in each round, on the goals' metrics."""
+    """Equinox over VTC in each round, on the goals' metrics, and in how many rounds Equinox was the better of the
+    two: the two ran back to back, so a round's ratio is the pairing least moved by the machine's pace."""
+    keys = ("steady_throughput", "ttft_p50", "ttft_p99", "light_ttft_p99", "jain")
     lines = ["| round | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain |",
              "|---:|---:|---:|---:|---:|---:|"]
+    better = {key: 0 for key in keys}
     for i, (eq, vtc) in enumerate(zip(runs["equinox"], runs["vtc"]), 1):
         r = goal_ratios(eq, vtc)
+        for key in keys:
+            better[key] += bool(r[key] > 1 if key in HIGHER_IS_BETTER else r[key] < 1)
         lines.append(f"| {i} | {r['steady_throughput']:.2f}x | {r['ttft_p50']:.2f}x | {r['ttft_p99']:.2f}x | "
                      f"{r['light_ttft_p99']:.2f}x | {r['jain']:.3f}x |")
+    n = len(runs["equinox"])
+    lines.append("| Equinox better in | " + " | ".join(f"{better[key]} of {n}" for key in keys) + " |")
     return "\n".join(lines)
 
 
-def main(names: list[str], out: Path, rounds: int = 3) -> None:
+def main(names: list[str], out: Path, rounds: int = 3, policies: tuple[str, ...] = POLICIES) -> None:
     from equinox_ray.serve.local import BASE_URL, default_app
+
+    if not {"vtc", "equinox"} <= set(policies):
+        raise SystemExit("bench real compares Equinox with VTC: --policies must include both")
+    if unknown := set(policies) - set(SUITE_POLICIES):
+        raise SystemExit(f"unknown policies {sorted(unknown)}; known: {', '.join(SUITE_POLICIES)}")
 
     workloads = {name: (WORKLOADS[name][0](), *WORKLOADS[name][1:]) for name in names}
     users = {u: w.users[u] for w, _, _ in workloads.values() for u in w.users}
@@ -205,9 +221,9 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
             capacity_tps = measured_capacity(BASE_URL, workload, keys, admission_window())
             scale = compression(workload, load, capacity_tps)
             print(f"{name}: capacity {capacity_tps:,.0f} output tokens/s, arrivals compressed {scale:.1f}x", flush=True)
-            runs: dict[str, list[dict[str, float]]] = {policy: [] for policy in POLICIES}
-            served: dict[str, list[str]] = {policy: [] for policy in POLICIES}
-            for i, order in enumerate(rounds_in_rotation(rounds), 1):
+            runs: dict[str, list[dict[str, float]]] = {policy: [] for policy in policies}
+            served: dict[str, list[str]] = {policy: [] for policy in policies}
+            for i, order in enumerate(rounds_in_rotation(rounds, policies), 1):
                 for policy in order:
                     lines, ok, used = run_one(BASE_URL, workload, keys, scale, records_path, policy)
                     records, busy = completion_records(lines)
@@ -216,7 +232,7 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
                     kept += [{"scenario": name, "round": i, "policy": policy, **asdict(r)} for r in records]
                     served[policy].append(f"{ok}/{len(workload.requests)} answered 200, {len(records)} records")
                     print(f"{name} round {i} {policy}: {served[policy][-1]}", flush=True)
-            rows = {policy: medians(runs[policy]) for policy in POLICIES}
+            rows = {policy: medians(runs[policy]) for policy in policies}
             sections += [f"## {name}: {len(workload.requests)} requests, arrivals compressed {scale:.1f}x for {load:g}x "
                          f"the measured capacity ({capacity_tps:,.0f} output tokens/s), {window_s:g} s windows, "
                          f"medians of {rounds} rounds", "", rows_table(rows), "",
@@ -229,14 +245,16 @@ def main(names: list[str], out: Path, rounds: int = 3) -> None:
     text = "\n".join(["# Scenarios 1 and 2 on the real engine (Ray Serve + vLLM CPU, tiny model), measured", "",
                       __doc__.split("\n\n")[1].replace("\n", " "), "",
                       __doc__.split("\n\n")[2].replace("\n", " "), "",
-                      f"Run with `python -m bench real --rounds {rounds}`. GPU busy is the engine's own measured busy "
+                      f"Run with `python -m bench real --scenario {' '.join(names)} --rounds {rounds}"
+                      f"{'' if policies == POLICIES else ' --policies ' + ' '.join(policies)}`. GPU busy is the engine's own measured busy "
                       "fraction (mean over requests). Counter gaps are not measured on the real path (n/a). "
                       "`equinox-fifo`: Equinox with each user's queue FIFO (`max_overtakes: 0`), the ablation of "
                       "the within-user order.", "",
                       *sections])
-    path = out / "real-engine.md"
+    stem = "real-engine" if policies == POLICIES else "real-engine-" + "-".join(policies)
+    path = out / f"{stem}.md"
     path.write_text(text)
     # every request of every run, for questions the table does not answer (which requests a policy delayed)
-    with gzip.open(out / "real-engine-records.jsonl.gz", "wt") as f:
+    with gzip.open(out / f"{stem}-records.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     print(text)
