@@ -27,7 +27,7 @@ PLOTTED_SUITES = {"overload", "on-off-overload", "poisson-short-long-2"}
 
 def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
     from bench.plots import plot_all
-    from bench.report import metrics, rows_table
+    from bench.report import metrics, placement_table, rows_table
     from bench.scenarios import SCENARIOS
     from bench.suite import POLICY_NOTES, run_scenario
 
@@ -57,6 +57,10 @@ def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
             f"{r.label} {r.result.wall_s:.1f} s ({n / r.result.wall_s:,.0f} simulated requests/s)" for r in wruns))
         lines.append(f"Requests cut to fit the model context or the client's max_tokens: {wruns[0].result.truncated:,}.")
         lines.append("")
+        if len({p.gpu for p in scenario.pools}) > 1:
+            shown = [r for r in wruns if r.label in ("vtc", "equinox", "equinox-no-pairing")]
+            lines += ["Where the requests ran (VTC, Equinox and Equinox without pairing):", "",
+                      placement_table(shown), ""]
         if name != "vtc-suites" or workload in PLOTTED_SUITES:
             for path in plot_all(wruns, out, f"{name}-{workload}" if name == "vtc-suites" else name):
                 lines.append(f"![{path.stem}]({path.name})")

@@ -100,6 +100,24 @@ def table(runs: Sequence[Run]) -> str:
     return rows_table({run.label: metrics(run) for run in runs})
 
 
+def placement_table(runs: Sequence[Run]) -> str:
+    """Where each policy's requests ran, per pool: how many were granted before the last arrival, their mean prompt
+    and output, and their mean time from grant to finish. On mixed GPU types this is what pairing changes."""
+    lines = ["| policy | pool | granted before the last arrival | mean prompt | mean output | grant to finish, mean s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for run in runs:
+        records = run.result.records
+        last = max(r.arrival for r in records)
+        for pool in sorted({r.pool for r in records}):
+            mine = [r for r in records if r.pool == pool and r.granted <= last]
+            if not mine:
+                continue
+            lines.append(f"| {run.label} | {pool} | {len(mine):,} | {np.mean([r.prompt_tokens for r in mine]):,.0f} | "
+                         f"{np.mean([r.output_tokens for r in mine]):,.0f} | "
+                         f"{np.mean([r.finish - r.granted for r in mine]):.2f} |")
+    return "\n".join(lines)
+
+
 def rows_table(rows: dict[str, dict[str, float]]) -> str:
     lines = ["| policy | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|---|" + "---:|" * len(COLUMNS)]
