@@ -2,7 +2,7 @@
 
     python -m bench suite [--scenario NAME ...] [--smoke]   simulated scenarios: tables and plots in bench/results/
     python -m bench overhead                               scheduling decisions/s of the fairness core
-    python -m bench real [--scenario vtc-overload lmsys] [--rounds 3]   the real Serve + vLLM CPU path, time-scaled
+    python -m bench real [--scenario vtc-overload lmsys] [--rounds 3] [--policies vtc equinox]   the real path
     python -m bench path [--smoke]                         the serving path's cost against the engine alone
     python -m bench soak [--minutes 10] [--load 2.0]       three users at twice the capacity (bench/soak.py)
     python -m bench faults                                 kill -9 under load: pool replica, engine, controller

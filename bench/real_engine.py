@@ -13,7 +13,7 @@ the rounds: on a shared two-core machine the same closed loop has measured from 
 so one run per policy compares the machine's moods as much as the policies. Equinox's ratios to VTC in each round
 are listed below the table, so that the spread is seen.
 
-    python -m bench real [--scenario vtc-overload lmsys] [--rounds 3]
+    python -m bench real [--scenario vtc-overload lmsys] [--rounds 3] [--policies vtc equinox]
 """
 
 from __future__ import annotations
