@@ -171,3 +171,31 @@ def test_a_client_gone_mid_stream_withdraws_its_request_once():
 
     asyncio.run(main())
     assert withdrawn == ["r"]
+
+
+def test_a_request_not_streamed_that_lost_its_replica_after_tokens_starts_over_and_answers_only_the_new_attempt():
+    """Its client has seen nothing before the whole answer, so a cut after the first token is queued once more
+    (charged what the cut attempt served), and the collected answer holds only the second attempt's tokens. A
+    streamed request cut after a token cannot start over: it ends with an error."""
+    from equinox_ray.serve.answers import chunk_groups, collect
+
+    async def scenario(link: ControllerLink, controller: RecordingController):
+        whole = link.submit(Submission("alice", GenerationRequest("u1", 3, prompt_token_ids=[1])), restartable=True)
+        streamed = link.submit(Submission("bob", GenerationRequest("s1", 3, prompt_token_ids=[1])))
+        for rid in ("u1", "s1"):
+            link._on_decision(Grant(rid, "pool", "replica-1", 0.0, 0.0, {}, {}, None))
+            link.deliver(TokenChunk(rid, [5, 6], "ab"))
+        link.replica_lost("replica-1", "the replica serving this request stopped")
+        assert "u1-retry" in link.inflight and "s1-retry" not in link.inflight
+        link._on_decision(Grant("u1-retry", "pool", "replica-2", 0.0, 0.0, {}, {}, None))
+        link.deliver(TokenChunk("u1-retry", [7, 8, 9], "xyz", finish_reason="length", usage=Usage(1, 3, 0.1, 0.2, 0.1)))
+        first = await asyncio.wait_for(whole.chunks.get(), 1)
+        body = await collect(chunk_groups(whole, first, _trace(), link.withdraw), "u1", "m", chat=False)
+        assert body["choices"][0]["text"] == "xyz" and body["usage"]["completion_tokens"] == 3
+        assert (await streamed.chunks.get()).token_ids == [5, 6]
+        assert (await asyncio.wait_for(streamed.chunks.get(), 1)).finish_reason == "error"
+        await asyncio.sleep(0.1)
+        cut = [f for b in controller.batches for f in b.finished if f.request_id == "u1"]
+        assert [(f.served_tokens, f.cancelled) for f in cut] == [(2, True)]
+
+    with_link(scenario)

@@ -140,7 +140,8 @@ def test_every_controller_method_runs_on_its_event_loop():
 
 def test_a_killed_pool_replica_ends_its_streams_with_an_error_event_and_retries_what_had_not_started(app):
     """Long prompts keep requests in prefill; the H100 replica is killed under them. Every stream still ends with
-    [DONE]; one that had tokens ends with an OpenAI error event; one that had none is queued again and served."""
+    [DONE]; one that had tokens ends with an OpenAI error event; one that had none is queued again and served. A
+    request that is not streamed has shown its client nothing, so it starts over and is served whenever it was cut."""
     retried_before = sum(u["retried"] for u in fairness(ADMIN)["users"].values())
 
     async def one(i: int, http: httpx.AsyncClient) -> tuple[int, list[str]]:
@@ -148,6 +149,10 @@ def test_a_killed_pool_replica_ends_its_streams_with_an_error_event_and_retries_
                 "model": "llama-2-7b-sim", "prompt": "word " * 3000, "max_tokens": 64, "stream": True,
                 "ignore_eos": True}) as r:
             return r.status_code, [line async for line in r.aiter_lines() if line.startswith("data: ")]
+
+    async def whole(i: int, http: httpx.AsyncClient) -> httpx.Response:
+        return await http.post(f"{BASE}/v1/completions", headers=auth(KEYS[i % 3]), json={
+            "model": "llama-2-7b-sim", "prompt": "word " * 3000, "max_tokens": 64, "ignore_eos": True})
 
     def kill_h100() -> int:
         wait_until(lambda: fairness(ADMIN)["pools"]["h100"]["running"] >= 4, 30, 0.05)
@@ -159,11 +164,15 @@ def test_a_killed_pool_replica_ends_its_streams_with_an_error_event_and_retries_
     async def main():
         async with httpx.AsyncClient(timeout=180, limits=httpx.Limits(max_connections=64)) as http:
             requests = asyncio.gather(*(one(i, http) for i in range(40)))
+            answers = asyncio.gather(*(whole(i, http) for i in range(20)))
             killed = await asyncio.to_thread(kill_h100)
-            return killed, await requests
+            return killed, await requests, await answers
 
-    killed, results = asyncio.run(main())
+    killed, results, answers = asyncio.run(main())
     assert killed >= 1
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 64  # the whole answer, none of a cut attempt
     errors = 0
     for status, events in results:
         assert status == 200 and events[-1] == "data: [DONE]"

@@ -74,12 +74,17 @@ class TokenChunk:
     finish_reason: str | None = None  # "length", "stop", "abort", "error" on the last chunk; "unavailable": the
     # replica could not start it (its engine is dead), so it may be tried on another
     usage: Usage | None = None  # on the last chunk
-    error: str | None = None  # what failed, with finish_reason "error"
+    error: str | None = None  # what failed, with finish_reason "error"; RESTARTED, with none, see below
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token in token_ids, when the request asked
 
     @property
     def last(self) -> bool:
         return self.finish_reason is not None
+
+
+# The in-band chunk an ingress puts before the chunks of a request's second attempt when the client has seen none of
+# the first (it is not streamed): whoever collects the answer drops what it gathered.
+RESTARTED = "restarted: the replica serving this request was lost; it starts over"
 
 
 def merge_chunks(chunks: list[TokenChunk]) -> TokenChunk:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Callable
 
-from equinox_ray.engines.types import TokenChunk
+from equinox_ray.engines.types import RESTARTED, TokenChunk
 from equinox_ray.serve.http_io import engine_failure
 from equinox_ray.serve.ingress_links import Inflight
 from equinox_ray.serve.openai_protocol import StreamOptions, chunk_body, completion_body, logprobs_body, sse, usage
@@ -37,6 +37,9 @@ async def collect(groups: AsyncIterator[list[TokenChunk]], rid: str, model: str,
     text, n, last, logprobs = [], 0, None, None
     async for group in groups:
         for chunk in group:
+            if chunk.error == RESTARTED and not chunk.last:  # the first attempt's tokens are not the answer
+                text, n, logprobs = [], 0, None
+                continue
             text.append(chunk.text)
             n += len(chunk.token_ids)
             last = chunk

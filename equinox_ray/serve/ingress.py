@@ -281,7 +281,7 @@ class EquinoxIngress:
                 self._admit(body, ids, max_tokens)
             generation = GenerationRequest(rid, max_tokens, prompt_token_ids=list(ids), ignore_eos=body.ignore_eos,
                                            sampling=body.sampling(), trace_context=span.queued())
-            inflight = self.link.submit(Submission(user, generation))
+            inflight = self.link.submit(Submission(user, generation), restartable=not body.stream)
             try:
                 grant = await inflight.granted
             except Refused as exc:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from ray.serve.handle import DeploymentHandle
 
-from equinox_ray.engines.types import TokenChunk
+from equinox_ray.engines.types import RESTARTED, TokenChunk
 from equinox_ray.serve.protocol import Closing, Finished, FullQueues, Grant, IngressBatch, Refusal, Submission
 from equinox_ray.serve.users import UserTable
 
@@ -43,6 +43,9 @@ class Inflight:
     grant: Grant | None = None
     served: int = 0
     retried: bool = False
+    # the client sees nothing before the last chunk (not streamed): an attempt cut after its first token may start
+    # over, where a stream that has shown tokens cannot
+    restartable: bool = False
     ended: bool = False  # its last chunk came before its grant: it stays here until the grant resolves the handler
 
 
@@ -68,8 +71,8 @@ class ControllerLink:
         self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._grant_loop())]
 
     # -- the handler's side -----------------------------------------------------------------------------------
-    def submit(self, submission: Submission) -> Inflight:
-        inflight = Inflight(submission, asyncio.get_running_loop().create_future())
+    def submit(self, submission: Submission, restartable: bool = False) -> Inflight:
+        inflight = Inflight(submission, asyncio.get_running_loop().create_future(), restartable=restartable)
         self.inflight[submission.request_id] = inflight
         self._send(lambda b: b.submissions.append(submission))
         return inflight
@@ -84,7 +87,7 @@ class ControllerLink:
     def deliver(self, chunk: TokenChunk) -> None:
         inflight = self.inflight.get(chunk.request_id)
         if chunk.finish_reason == "unavailable":  # its replica's engine is dead: like a replica lost, for one
-            if inflight is not None and inflight.grant is not None and inflight.served == 0 and not inflight.retried:
+            if inflight is not None and inflight.grant is not None and self._may_retry(inflight):
                 replica = inflight.grant.replica
                 self._send(lambda b: b.lost.append(replica))
                 self._retry(inflight, chunk.error or "the engine is unavailable")
@@ -116,17 +119,26 @@ class ControllerLink:
         for inflight in list(self.inflight.values()):
             if inflight.grant is None or inflight.grant.replica != replica:
                 continue
-            if inflight.served == 0 and not inflight.retried:
+            if self._may_retry(inflight):
                 self._retry(inflight, why)
             else:
                 self.deliver(TokenChunk(inflight.submission.request_id, [], finish_reason="error", error=why))
 
+    @staticmethod
+    def _may_retry(inflight: Inflight) -> bool:
+        """Once, and only while the client has seen none of it."""
+        return not inflight.retried and (inflight.served == 0 or inflight.restartable)
+
     def _retry(self, inflight: Inflight, why: str) -> None:
-        """The attempt ends as cancelled with nothing served; a new one (same client, same response) queues."""
-        old = inflight.submission.request_id
-        log.warning("request %s lost its replica before its first token (%s); queued once more", old, why)
+        """The attempt ends as cancelled with what it served; a new one (same client, same response) queues. A
+        non-streamed request cut after its first token starts over: its collector drops what it gathered."""
+        old, served = inflight.submission.request_id, inflight.served
+        log.warning("request %s lost its replica after %d tokens (%s); queued once more", old, served, why)
         del self.inflight[old]
-        self._send(lambda b: b.finished.append(Finished(old, None, 0, cancelled=True)))
+        self._send(lambda b: b.finished.append(Finished(old, None, served, cancelled=True)))
+        if served:
+            inflight.chunks.put_nowait(TokenChunk(old, [], error=RESTARTED))
+            inflight.served = 0
         generation = replace(inflight.submission.generation, id=f"{old}-retry")
         inflight.submission = Submission(inflight.submission.user, generation, retry_of=old)
         inflight.grant, inflight.retried = None, True
