@@ -30,6 +30,7 @@ def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
     from bench.report import metrics, placement_table, rows_table
     from bench.scenarios import SCENARIOS
     from bench.suite import POLICY_NOTES, run_scenario
+    from equinox_ray.engines.gpu_profiles import StepModel
 
     scenario = SCENARIOS[name]
     started = time.perf_counter()
@@ -37,7 +38,9 @@ def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
     by_workload = defaultdict(list)
     for run in runs:
         by_workload[run.workload.name].append(run)
-    pools = ", ".join(f"{p.replicas} x {p.gpu} ({p.model}, window {p.max_num_seqs}, cost {p.cost_weight:g})"
+    pools = ", ".join(f"{p.replicas} x {p.gpu} ({p.model}, window {p.max_num_seqs}, cost {p.cost_weight:g}, nominal "
+                      f"prefill {p.facts().prefill_tps:,.0f} tokens/s and decode {p.facts().decode_tps:.1f} tokens/s "
+                      f"per sequence, KV cache {StepModel.of(p.gpu, p.model).kv_capacity_tokens:,} tokens)"
                       for p in scenario.pools)
     lines = [f"# {scenario.title}{' (smoke)' if smoke else ''}", "",
              f"Simulated with `python -m bench suite --scenario {name}{' --smoke' if smoke else ''}`: "
