@@ -54,7 +54,10 @@ def counter_bound(run: Run) -> float | None:
     bound = 2 * max(admission, W_OUT * batch_tokens / w_min)
     config = run.config
     if config.name == "equinox":
-        bound += config.weights.to_core().max_latency_credit + config.efficiency.slack_tokens
+        slack = config.efficiency.slack_tokens
+        if slack is None:  # Equinox's default: one whole prompt of the largest context
+            slack = config.input_weight * max(p.max_model_len for p in result.pools)
+        bound += config.weights.to_core().max_latency_credit + slack
     return bound
 
 

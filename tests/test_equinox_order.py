@@ -47,6 +47,23 @@ def test_the_slack_lets_a_user_with_a_cheap_head_go_first_and_only_within_the_sl
         assert drain(policy)[0] == f"{first}1", slack
 
 
+def test_the_default_slack_is_one_whole_prompt_of_the_pools_largest_context():
+    """Delta follows the model: a user 1,200 tokens above the smallest counter competes by its virtual finish beside
+    4k-context pools and not beside 1k-context ones; pools that do not say their context get 4,096."""
+    def first(context: int | None) -> str:
+        pool = PoolView("p", free_slots=8, free_kv_tokens=10_000,
+                        **({} if context is None else {"max_request_tokens": context}))
+        policy = Equinox(users("big", "small"), efficiency=Efficiency(fresh_first=False), dispatch="least_loaded")
+        policy._lengths.observe(Outcome("earlier", "big", "p", 10, 500, 0.1, 1.0, 1.0))  # big's outputs: 500
+        policy.served["small"] = 1200.0
+        policy.submit(req("big1", "big", prompt=500, max_tokens=500), 0)  # cost 500 + 2 x 500, fits 1k
+        policy.submit(req("small1", "small", prompt=10), 0)  # virtual finish 1,210
+        assert policy.slack([pool]) == (4096.0 if context is None else float(context))
+        return drain(policy, [pool])[0]
+
+    assert [first(1024), first(4096), first(None)] == ["big1", "small1", "small1"]
+
+
 def _first_after_busy_then_idle(efficiency: Efficiency, idle_owes: float = 0.0) -> str:
     """busy queues two cheap requests and is granted one; then idle, whose queue was empty, queues an expensive one
     and is lifted to busy's counter (plus `idle_owes`): which request goes next?"""

@@ -28,11 +28,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
 
-from equinox_ray.fairness.pools import PoolView, best_by, fitting_pools, least_loaded
+from equinox_ray.fairness.pools import UNKNOWN_CONTEXT, PoolView, best_by, fitting_pools, least_loaded
 from equinox_ray.fairness.prediction import MovingAveragePredictor, Outcome, Prediction, Predictor
 from equinox_ray.fairness.queues import UserQueues
 from equinox_ray.fairness.request import Request, User
 from equinox_ray.fairness.vtc import VTC
+
+
+DEFAULT_CONTEXT = 4096  # the model context Delta assumes where no pool says its own
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,10 @@ class Efficiency:
     # (a) the order applies while the user has at most this many requests waiting; a deeper queue runs FIFO. Its
     # oldest request is already the tail, and passing it there is what made LMSYS's TTFT p99 1.32x VTC's. 0: any
     max_reorder_depth: int = 8
-    slack_tokens: float = 4096.0  # (b) Delta, in the key's token units; 0: the smallest key always goes next
+    # (b) Delta, in the key's token units; 0: the smallest key always goes next. None: one whole prompt of the
+    # largest model context among the pools (w_in x context; 4,096 tokens for a 4k context), the granularity of
+    # VTC's own admission charge, so that the slack scales with the requests a deployment can have
+    slack_tokens: float | None = None
     candidates: int = 8  # (b) at most this many users are compared per decision: O(candidates * log U)
     pairing: bool = True  # (c) on mixed GPU types, pair free pools with the requests they suit
     # (c) relative times in the same band of this width count as equally suited, and the virtual finish decides
@@ -84,8 +90,8 @@ class Efficiency:
     finish_by_oldest: bool = False
 
     def __post_init__(self) -> None:
-        if (self.max_overtakes < 0 or self.max_reorder_depth < 0 or self.slack_tokens < 0 or self.candidates < 1
-                or self.pairing_band < 0):
+        if (self.max_overtakes < 0 or self.max_reorder_depth < 0 or (self.slack_tokens or 0) < 0
+                or self.candidates < 1 or self.pairing_band < 0):
             raise ValueError("Efficiency needs max_overtakes >= 0, max_reorder_depth >= 0, slack_tokens >= 0, "
                              f"candidates >= 1, pairing_band >= 0: {self}")
 
@@ -165,13 +171,22 @@ class Equinox(VTC):
     def order_cost(self, request: Request) -> float:
         return self.input_weight * request.prompt_tokens + self.output_weight * self._lengths.output_tokens(request)
 
+    def slack(self, pools: Sequence[PoolView]) -> float:
+        """Delta: as configured, or w_in times the largest model context among the pools (`DEFAULT_CONTEXT` where
+        no pool says its context)."""
+        if self.efficiency.slack_tokens is not None:
+            return self.efficiency.slack_tokens
+        contexts = [p.max_request_tokens for p in pools if p.max_request_tokens < UNKNOWN_CONTEXT]
+        return self.input_weight * (max(contexts) if contexts else DEFAULT_CONTEXT)
+
     def next_user(self, pools: Sequence[PoolView]) -> str | None:
         top = self._heap.peek()
         pairing = self._pairing(pools)
-        if top is None or (self.efficiency.slack_tokens <= 0 and not pairing):
+        slack = self.slack(pools)
+        if top is None or (slack <= 0 and not pairing):
             return None if top is None else top[0]
         best, best_rank = top[0], None
-        limit = top[1][0] + self.efficiency.slack_tokens
+        limit = top[1][0] + slack
         for user, key in self._heap.smallest(self.efficiency.candidates, limit):
             head = self.queues.head(user)
             fitting = fitting_pools(head.kv_demand, pools)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 
+UNKNOWN_CONTEXT = 1 << 30  # a pool whose model context was not given: any request fits
+
+
 @dataclass(frozen=True)
 class PoolView:
     """A snapshot of one GPU pool: free capacity, recent measurements and nominal speeds."""
@@ -29,7 +32,7 @@ class PoolView:
     decode_tps: float = 50.0  # nominal output tokens/s of one sequence
     queue_delay_s: float = 0.0  # expected wait inside the pool before prefill starts
     cost_weight: float = 1.0  # relative price of a busy-second on this GPU type
-    max_request_tokens: int = 1 << 30  # the model context on this pool: prompt + max_tokens must fit
+    max_request_tokens: int = UNKNOWN_CONTEXT  # the model context on this pool: prompt + max_tokens must fit
 
     def fits(self, kv_demand: int) -> bool:
         return self.free_slots >= 1 and self.free_kv_tokens >= kv_demand and kv_demand <= self.max_request_tokens

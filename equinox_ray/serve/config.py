@@ -56,8 +56,9 @@ class EfficiencyConfig(Strict):
                                                      "this often goes next. 0: FIFO")
     max_reorder_depth: int = Field(8, ge=0, description="(a) the order applies while the user has at most this "
                                                         "many requests waiting; deeper, FIFO. 0: any depth")
-    slack_tokens: float = Field(4096.0, ge=0, description="(b) Delta: users within this of the smallest counter "
-                                                          "compete by virtual finish. 0: smallest counter only")
+    slack_tokens: float | None = Field(
+        None, ge=0, description="(b) Delta: users within this of the smallest counter compete by virtual finish. 0: "
+                                "smallest counter only; none: input_weight x the pools' largest max_model_len")
     candidates: int = Field(8, ge=1, description="(b) users compared per decision")
     pairing: bool = Field(True, description="(c) on mixed GPU types with the fastest dispatch, give a free pool the "
                                             "request among those users that it slows least against the cluster's "
