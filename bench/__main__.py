@@ -39,9 +39,9 @@ def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
     for run in runs:
         by_workload[run.workload.name].append(run)
     pools = ", ".join(f"{p.replicas} x {p.gpu} ({p.model}, window {p.max_num_seqs}, cost {p.cost_weight:g}, nominal "
-                      f"prefill {p.facts().prefill_tps:,.0f} tokens/s and decode {p.facts().decode_tps:.1f} tokens/s "
-                      f"per sequence, KV cache {StepModel.of(p.gpu, p.model).kv_capacity_tokens:,} tokens)"
-                      for p in scenario.pools)
+                      f"prefill {f.prefill_tps:,.0f} tokens/s and decode {f.decode_tps:.1f} tokens/s per sequence, "
+                      f"KV cache {StepModel.of(p.gpu, p.model).kv_capacity_tokens:,} tokens)"
+                      for p, f in ((p, p.facts()) for p in scenario.pools))
     lines = [f"# {scenario.title}{' (smoke)' if smoke else ''}", "",
              f"Simulated with `python -m bench suite --scenario {name}{' --smoke' if smoke else ''}`: "
              f"{pools}. Arrival times divided by {scenario.time_scale:.2f}; client max_tokens "
@@ -203,9 +203,7 @@ def main(argv: list[str] | None = None) -> None:
 
         overhead()
     else:
-        from bench.real_engine import main as real_main
-
-        from bench.real_engine import POLICIES as REAL_POLICIES
+        from bench.real_engine import POLICIES as REAL_POLICIES, main as real_main
 
         real_main(args.scenario, args.out, args.rounds, tuple(args.policies or REAL_POLICIES))
 

@@ -56,10 +56,10 @@ def capped(workload: Workload, limit: int | None = None) -> Workload:
 # twice the capacity, LMSYS at 0.75 of it on average, which its bursts were to overload. They did not: measured
 # against a capacity probe of the trace's own requests, every policy's TTFT p50 was 0.06 s (no queue) and the p99
 # swung from 0.16 s to 0.74 s between runs of one policy, so LMSYS asked for the whole capacity on average. That
-# is a knife edge: in one run (`python -m bench real --rounds 3` at commit d933308, kept in bench/results/real-engine-load-1.0x.md) FCFS's TTFT p50
-# was 6.19 s in one round and 0.06 s in the next, as the machine's pace moved the mean decode time from 4.4 s to
-# 2.3 s: whether a queue formed at all decided the tables. At 1.5x a queue forms in every round, as in the simulated
-# LMSYS scenario, where the A100 is busy throughout.
+# is a knife edge: in one run (`python -m bench real --rounds 3` at commit d933308, kept in
+# bench/results/real-engine-load-1.0x.md) FCFS's TTFT p50 was 6.19 s in one round and 0.06 s in the next, as the
+# machine's pace moved the mean decode time from 4.4 s to 2.3 s: whether a queue formed at all decided the tables.
+# At 1.5x a queue forms in every round, as in the simulated LMSYS scenario, where the A100 is busy throughout.
 WORKLOADS = {
     "vtc-overload": (lambda: capped(synthetic.overload(duration=120.0)), 2.0, 2.0),
     "lmsys": (lambda: capped(traces.lmsys_arena(), limit=400), 1.5, 2.0),
@@ -246,8 +246,9 @@ def main(names: list[str], out: Path, rounds: int = 3, policies: tuple[str, ...]
                       __doc__.split("\n\n")[1].replace("\n", " "), "",
                       __doc__.split("\n\n")[2].replace("\n", " "), "",
                       f"Run with `python -m bench real --scenario {' '.join(names)} --rounds {rounds}"
-                      f"{'' if policies == POLICIES else ' --policies ' + ' '.join(policies)}`. GPU busy is the engine's own measured busy "
-                      "fraction (mean over requests). Counter gaps are not measured on the real path (n/a). "
+                      f"{'' if policies == POLICIES else ' --policies ' + ' '.join(policies)}`. "
+                      "GPU busy is the engine's own measured busy fraction (mean over requests). Counter gaps are not "
+                      "measured on the real path (n/a). "
                       "`equinox-fifo`: Equinox with each user's queue FIFO (`max_overtakes: 0`), the ablation of "
                       "the within-user order.", "",
                       *sections])

@@ -10,8 +10,10 @@ import numpy as np
 
 from bench.suite import Run
 from equinox_ray.engines.gpu_profiles import StepModel
+from equinox_ray.fairness.equinox import slack_tokens
 from equinox_ray.fairness.metrics import (CompletionRecord, backlogged_pair_gap, jain_per_window, passed_by,
-                                          percentiles, service_difference, steady_throughput, throughput, windowed_service)
+                                          percentiles, service_difference, steady_throughput, throughput,
+                                          windowed_service)
 from equinox_ray.workloads.workload import Workload
 
 W_IN, W_OUT = 1.0, 2.0
@@ -54,9 +56,7 @@ def counter_bound(run: Run) -> float | None:
     bound = 2 * max(admission, W_OUT * batch_tokens / w_min)
     config = run.config
     if config.name == "equinox":
-        slack = config.efficiency.slack_tokens
-        if slack is None:  # Equinox's default: one whole prompt of the largest context
-            slack = config.input_weight * max(p.max_model_len for p in result.pools)
+        slack = slack_tokens(config.efficiency.to_core(), config.input_weight, [p.max_model_len for p in result.pools])
         bound += config.weights.to_core().max_latency_credit + slack
     return bound
 

@@ -96,6 +96,15 @@ class Efficiency:
                              f"candidates >= 1, pairing_band >= 0: {self}")
 
 
+def slack_tokens(efficiency: Efficiency, input_weight: float, contexts: Iterable[int]) -> float:
+    """Delta: as configured, or w_in times the largest of the pools' model contexts (`DEFAULT_CONTEXT` where no
+    pool says its context)."""
+    if efficiency.slack_tokens is not None:
+        return efficiency.slack_tokens
+    known = [c for c in contexts if c < UNKNOWN_CONTEXT]
+    return input_weight * (max(known) if known else DEFAULT_CONTEXT)
+
+
 @dataclass(frozen=True)
 class _Admission:
     prediction: Prediction | None
@@ -172,12 +181,7 @@ class Equinox(VTC):
         return self.input_weight * request.prompt_tokens + self.output_weight * self._lengths.output_tokens(request)
 
     def slack(self, pools: Sequence[PoolView]) -> float:
-        """Delta: as configured, or w_in times the largest model context among the pools (`DEFAULT_CONTEXT` where
-        no pool says its context)."""
-        if self.efficiency.slack_tokens is not None:
-            return self.efficiency.slack_tokens
-        contexts = [p.max_request_tokens for p in pools if p.max_request_tokens < UNKNOWN_CONTEXT]
-        return self.input_weight * (max(contexts) if contexts else DEFAULT_CONTEXT)
+        return slack_tokens(self.efficiency, self.input_weight, [p.max_request_tokens for p in pools])
 
     def next_user(self, pools: Sequence[PoolView]) -> str | None:
         top = self._heap.peek()

@@ -63,7 +63,7 @@ class PoolFacts:
     name: str
     gpu_type: str = "cpu"
     cost_weight: float = 1.0
-    max_request_tokens: int = 1 << 30
+    max_request_tokens: int = UNKNOWN_CONTEXT
     prefill_tps: float = 10_000.0
     decode_tps: float = 50.0
     throughput_tps: float = 1000.0  # tokens/s one replica is assumed to deliver before it has measured any
