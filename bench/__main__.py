@@ -3,6 +3,7 @@
     python -m bench suite [--scenario NAME ...] [--smoke]   simulated scenarios: tables and plots in bench/results/
     python -m bench overhead                               scheduling decisions/s of the fairness core
     python -m bench real [--scenario vtc-overload lmsys] [--rounds 3] [--policies vtc equinox]   the real path
+    python -m bench real --jain-windows RECORDS            Jain's index at 2, 5, 10 s windows from a run's records
     python -m bench path [--smoke]                         the serving path's cost against the engine alone
     python -m bench soak [--minutes 10] [--load 2.0]       three users at twice the capacity (bench/soak.py)
     python -m bench faults                                 kill -9 under load: pool replica, engine, controller
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     real.add_argument("--policies", nargs="+", default=None, help="the rows (default: fcfs vtc equinox "
                       "equinox-fifo); with fewer, each round is shorter, so VTC and Equinox run closer together")
     real.add_argument("--out", type=Path, default=RESULTS)
+    real.add_argument("--jain-windows", type=Path, metavar="RECORDS", help="run nothing: recompute Jain's index at "
+                      "longer windows from a past run's kept records (a file name in --out, or a path)")
     path = sub.add_parser("path", help="the serving path's CPU, throughput and latency")
     path.add_argument("--smoke", action="store_true", help="short loads, under 2 minutes")
     path.add_argument("--out", type=Path, default=RESULTS)
@@ -202,6 +205,11 @@ def main(argv: list[str] | None = None) -> None:
         from bench.decisions import main as overhead
 
         overhead()
+    elif args.jain_windows:
+        from bench.real_engine import jain_windows_from_records
+
+        records = args.jain_windows if args.jain_windows.exists() else args.out / args.jain_windows
+        jain_windows_from_records(records, args.out)
     else:
         from bench.real_engine import POLICIES as REAL_POLICIES, main as real_main
 

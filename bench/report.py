@@ -13,7 +13,7 @@ from equinox_ray.engines.gpu_profiles import StepModel
 from equinox_ray.fairness.equinox import slack_tokens
 from equinox_ray.fairness.metrics import (CompletionRecord, backlogged_pair_gap, jain_per_window, passed_by,
                                           percentiles, service_difference, steady_throughput, throughput,
-                                          windowed_service)
+                                          WindowedService, windowed_service)
 from equinox_ray.workloads.workload import Workload
 
 W_IN, W_OUT = 1.0, 2.0
@@ -61,6 +61,12 @@ def counter_bound(run: Run) -> float | None:
     return bound
 
 
+def mean_jain(ws: WindowedService) -> float:
+    """Jain's index averaged over the windows where some user was backlogged (NaN if none was)."""
+    jain = jain_per_window(ws)
+    return float(np.nanmean(jain)) if np.isfinite(jain).any() else float("nan")
+
+
 def record_metrics(records: Sequence[CompletionRecord], workload: Workload, window_s: float,
                    min_wait_s: float = JAIN_MIN_WAIT_S) -> dict[str, float]:
     """The table's columns that come from finished requests alone (simulated or measured). A user counts as
@@ -75,14 +81,13 @@ def record_metrics(records: Sequence[CompletionRecord], workload: Workload, wind
     light_records = [r for r in records if r.user in light]
     light_p = percentiles([r.ttft for r in light_records])
     slowest_light = max(light_records, key=lambda r: r.ttft, default=None)
-    jain = jain_per_window(ws)
     _, sd_avg = service_difference(ws)
     return {
         "throughput": throughput(records), "steady_throughput": steady_throughput(records),
         "ttft_mean": float(np.mean(ttft)) if ttft else float("nan"), "ttft_p50": ttft_p["p50"],
         "ttft_p99": ttft_p["p99"], "light_ttft_p50": light_p["p50"], "light_ttft_p99": light_p["p99"],
         "e2e_mean": float(np.mean(e2e)) if e2e else float("nan"), "e2e_p50": e2e_p["p50"], "e2e_p99": e2e_p["p99"],
-        "jain": float(np.nanmean(jain)) if np.isfinite(jain).any() else float("nan"), "sd_avg": sd_avg,
+        "jain": mean_jain(ws), "sd_avg": sd_avg,
         "pair_gap": backlogged_pair_gap(windowed_service(records, workload.users, PAIR_WINDOW_S)),
         # other users' grants while the slowest light request waited: 0 means no policy could have started it sooner
         "light_slowest_passed": float("nan") if slowest_light is None else passed_by(records, slowest_light),

@@ -173,3 +173,25 @@ def test_the_real_paths_rows_without_a_bound_or_wall_time_render():
            "pair_gap": 5.0, "e2e_mean": 3.0}
     text = rows_table({"vtc": row, "equinox": {**row, "ttft_p50": 0.5}})
     assert "| equinox | 1.00x | 0.50x | 1.00x | 1.00x | 1.000x | n/a |" in text
+
+
+def test_the_real_paths_jain_windows_are_recomputed_from_kept_records(tmp_path):
+    """`bench real --jain-windows` reads a run's kept records: two users who submitted everything at once, served
+    one after the other under `vtc` and in turn under `equinox`; Equinox is the fairer at every window."""
+    import gzip
+    import json
+
+    def record(policy: str, i: int, user: str, start: float) -> dict:
+        return {"scenario": "vtc-overload", "round": 1, "policy": policy, "request_id": f"{user}-{i}", "user": user,
+                "arrival": 0.0, "granted": start, "first_token": start + 0.1, "finish": start + 1.0,
+                "prompt_tokens": 100, "output_tokens": 100}
+
+    kept = [record("vtc", i, user, 10.0 * u + i) for u, user in enumerate(("client-0", "client-1")) for i in range(10)]
+    kept += [record("equinox", i, user, i + 0.5 * u) for i in range(10) for u, user in enumerate(("client-0",
+                                                                                                  "client-1"))]
+    path = tmp_path / "run-records.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    bench_main(["real", "--jain-windows", str(path), "--out", str(tmp_path)])
+    text = (tmp_path / "run-jain-windows.md").read_text()
+    assert "| Equinox fairer in | 1 of 1 | 1 of 1 | 1 of 1 |" in text
