@@ -103,7 +103,9 @@ def missed_goals(scenario: str, ratios: dict, equinox: dict | None = None) -> li
                     why = ""
                     passed = (equinox or {}).get("light_slowest_passed")
                     if key == "light_ttft_p99" and passed is not None and not math.isnan(passed):
-                        why = f"; Equinox's slowest light request was passed by {passed:.0f} grants"
+                        count = (equinox or {}).get("light_requests")
+                        why = (f"; p99 of {count:,.0f} light requests" if count else "") + \
+                            f"; Equinox's slowest light request was passed by {passed:.0f} grants"
                     missed.append(f"{key} {value if isinstance(value, bool) else f'{value:.3f}'} (goal {text}{why})")
                 break
     return missed

@@ -91,6 +91,7 @@ def record_metrics(records: Sequence[CompletionRecord], workload: Workload, wind
         "pair_gap": backlogged_pair_gap(windowed_service(records, workload.users, PAIR_WINDOW_S)),
         # other users' grants while the slowest light request waited: 0 means no policy could have started it sooner
         "light_slowest_passed": float("nan") if slowest_light is None else passed_by(records, slowest_light),
+        "light_requests": len(light_records),  # a p99 of a few dozen requests is its slowest one or two
     }
 
 
