@@ -10,6 +10,7 @@
     python -m bench churn [--cycles 3]                     a pool scaling up and down under load loses nothing
     python -m bench peers                                  vllm bench serve and guidellm, ours against vLLM's server
     python -m bench sweep SETTING VALUE ...                one policy setting at several values against VTC
+    python -m bench kv-view [--scenario NAME ...]          VTC and Equinox with and without the replicas' free KV
 """
 
 from __future__ import annotations
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench.sweep import main as sweep_main
 
         sys.exit(sweep_main(argv[1:]))
+    if argv[:1] == ["kv-view"]:
+        from bench.kv_view import main as kv_view_main
+
+        sys.exit(kv_view_main(argv[1:]))
     if argv[:1] == ["peers"]:
         from bench.peers import main as peers_main
 
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("churn", help="autoscaling under load: python -m bench churn --help")
     sub.add_parser("sweep", help="one policy setting at several values against VTC: python -m bench sweep --help")
     sub.add_parser("peers", help="peer load generators against us and vLLM: python -m bench peers --help")
+    sub.add_parser("kv-view", help="the policy with and without the replicas' free KV: python -m bench kv-view --help")
     args = parser.parse_args(argv)
     if args.command == "suite":
         args.out.mkdir(parents=True, exist_ok=True)

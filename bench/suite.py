@@ -56,15 +56,16 @@ class Run:
 
 def run_scenario(scenario: Scenario, smoke: bool = False, policies: tuple[str, ...] | None = None,
                  predictor: str = "mope", progress: bool = True,
-                 configs: dict[str, PolicyConfig] | None = None) -> list[Run]:
-    """Every policy label (POLICIES) on every workload; `configs` adds labelled configs of its own (a sweep's)."""
+                 configs: dict[str, PolicyConfig] | None = None, kv_visible: bool = True) -> list[Run]:
+    """Every policy label (POLICIES) on every workload; `configs` adds labelled configs of its own (a sweep's);
+    `kv_visible` False hides the replicas' free KV cache from the policy, as the Serve path does today."""
     runs = []
     labelled = {label: policy_config(label, predictor) for label in policies or scenario.policies}
     labelled.update(configs or {})
     for workload in scenario.workloads(smoke):
         for label, config in labelled.items():
             policy = serve_policy(config, list(workload.users.values()))
-            sim = ClusterSim(scenario.pools, policy, max_tokens_cap=scenario.max_tokens_cap)
+            sim = ClusterSim(scenario.pools, policy, max_tokens_cap=scenario.max_tokens_cap, kv_visible=kv_visible)
             with tqdm(total=len(workload.requests), desc=f"{workload.name} {label}", unit="req", leave=False,
                       mininterval=2.0, disable=not progress) as bar:
                 result = sim.run(workload, progress=bar.update)

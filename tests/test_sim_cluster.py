@@ -206,3 +206,20 @@ def test_a_missed_light_user_goal_says_how_few_requests_its_p99_is_over():
     missed = missed_goals("lmsys", ratios, {"light_slowest_passed": 0.0, "light_requests": 26})
     assert missed == ["light_ttft_p99 2.100 (goal <= 1.0x; p99 of 26 light requests; Equinox's slowest light "
                       "request was passed by 0 grants)"]
+
+
+@pytest.mark.parametrize("kv_visible, granted_at_once", [(True, 4), (False, 8)])
+def test_the_policy_grants_what_fits_the_kv_cache_only_when_the_replicas_report_it(kv_visible, granted_at_once):
+    """Eight requests of 3,000 prompt and 100 output tokens (max_tokens 1,024) at once on one L4 (15,487 KV tokens,
+    window 16). Seeing free KV, the policy grants while prompt + max_tokens fits beside what the running ones hold
+    (4); seeing slots alone, as the Serve path does, it grants all 8 and the engine queues what does not fit."""
+    from equinox_ray.fairness.request import User
+    from equinox_ray.workloads.workload import TraceRequest
+
+    requests = [TraceRequest(0.0, "u", 3000, 100) for _ in range(8)]
+    workload = Workload("w", {"u": User("u")}, requests)
+    sim = ClusterSim((PoolSpec("l4", "L4", 1, max_num_seqs=16),), VTC([User("u")]), max_tokens_cap=1024,
+                     kv_visible=kv_visible)
+    records = sim.run(workload).records
+    assert len(records) == 8
+    assert sum(r.granted == 0.0 for r in records) == granted_at_once

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from equinox_ray.fairness.metrics import CompletionRecord
 from equinox_ray.fairness.fcfs import FCFS
 from equinox_ray.fairness.policy import Policy
-from equinox_ray.fairness.pools import PoolView, pool_view
+from equinox_ray.fairness.pools import UNKNOWN_KV, PoolView, pool_view
 from equinox_ray.fairness.prediction import Outcome
 from equinox_ray.fairness.request import Request
 from equinox_ray.sim.replica import PoolSpec, SimReplica
@@ -75,6 +75,9 @@ class ClusterSim:
     gap_sample_s: float = 1.0
     stats_window_s: float = 5.0
     on_completion: Callable[[SimCompletion], None] | None = None  # e.g. a writer of MoPE's training records
+    # whether the replicas tell the policy their free KV cache, so that it grants only what fits; False is the Serve
+    # path today, whose replicas report none and whose engines queue what does not fit (docs/design.md)
+    kv_visible: bool = True
     _replicas: dict[str, list[SimReplica]] = field(init=False, default_factory=dict)
     _ran: bool = field(init=False, default=False)
 
@@ -171,14 +174,19 @@ class ClusterSim:
             self._start_step(replica, now)
 
     def _pick_replica(self, pool: str, request: Request) -> SimReplica:
+        replicas = [r for r in self._replicas[pool] if r.free_slots]
+        if not self.kv_visible:  # the policy saw free slots alone: the replica's engine queues what does not fit
+            return min(replicas, key=lambda r: r.in_flight)
         demand = request.prompt_tokens + request.max_tokens
-        fitting = [r for r in self._replicas[pool] if r.free_slots and r.free_kv_tokens >= demand]
-        return min(fitting, key=lambda r: (r.in_flight, -r.free_kv_tokens))
+        return min((r for r in replicas if r.free_kv_tokens >= demand), key=lambda r: (r.in_flight, -r.free_kv_tokens))
 
     def _view(self, pool: str) -> PoolView:
         view = self._views.get(pool)
         if view is None:
-            view = self._views[pool] = pool_view(self._facts[pool], [r.observation() for r in self._replicas[pool]])
+            observed = [r.observation() for r in self._replicas[pool]]
+            if not self.kv_visible:
+                observed = [replace(o, free_kv_tokens=UNKNOWN_KV) for o in observed]
+            view = self._views[pool] = pool_view(self._facts[pool], observed)
         return view
 
     # -- engine steps -----------------------------------------------------------------------------------------
