@@ -1,10 +1,10 @@
-"""What the policy loses when it cannot see the replicas' free KV cache, as on the Serve path today.
+"""What the policy loses when it cannot see the replicas' free KV cache, as on the Serve path before its engines
+reported their KV cache's size.
 
-In the simulator each replica tells the policy how many KV-cache tokens it has not promised, and a request is
-granted only where its prompt plus max_tokens fits. The Serve path's replicas report no free KV (vLLM allocates it
-on demand and preempts), so the policy sees free slots alone and a request that does not fit waits inside the
-replica's engine, out of the fair queue. This runs VTC and Equinox both ways on the simulated scenarios and prints
-each one's metrics, and Equinox's ratios to VTC in each view.
+The policy is told how many KV-cache tokens each replica has not promised, and a request is granted only where its
+prompt plus max_tokens fits. Without that, the policy sees free slots alone and a request that does not fit waits
+inside the replica's engine, out of the fair queue. This runs VTC and Equinox both ways on the simulated scenarios
+and prints each one's metrics, and Equinox's ratios to VTC in each view.
 
     python -m bench kv-view [--scenario lmsys sharegpt-zipf azure-mixed]
 """
@@ -20,7 +20,7 @@ from bench.suite import run_scenario
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SCENARIOS = ("lmsys", "sharegpt-zipf", "azure-mixed")
-VIEWS = {True: "free slots and KV (the simulator)", False: "free slots only (Serve today)"}
+VIEWS = {True: "free slots and KV", False: "free slots only"}
 
 
 def kv_view(scenarios: list[str]) -> str:

@@ -58,7 +58,7 @@ def run_scenario(scenario: Scenario, smoke: bool = False, policies: tuple[str, .
                  predictor: str = "mope", progress: bool = True,
                  configs: dict[str, PolicyConfig] | None = None, kv_visible: bool = True) -> list[Run]:
     """Every policy label (POLICIES) on every workload; `configs` adds labelled configs of its own (a sweep's);
-    `kv_visible` False hides the replicas' free KV cache from the policy, as the Serve path does today."""
+    `kv_visible` False hides the replicas' free KV cache from the policy (bench/kv_view.py)."""
     runs = []
     labelled = {label: policy_config(label, predictor) for label in policies or scenario.policies}
     labelled.update(configs or {})

@@ -53,8 +53,8 @@ def grants(ctl, ingress: str = "i0") -> dict[str, Grant | Refusal]:
 
 
 def report(ctl, pool: str, replica: str, tokens_per_s: float = 1000.0, tpot_s: float = 0.02,
-           healthy: bool = True) -> None:
+           healthy: bool = True, kv_capacity_tokens: int | None = None) -> None:
     stats = EngineStats(running=0, waiting=0, kv_cache_usage=0.5, tokens_per_s=tokens_per_s,
                         output_tokens_per_s=tokens_per_s / 2, busy_fraction=1.0, utilization=1.0,
-                        utilization_source="simulated", healthy=healthy)
+                        utilization_source="simulated", healthy=healthy, kv_capacity_tokens=kv_capacity_tokens)
     ctl.report(ReplicaReport(replica, pool, stats, 2, 0, 0, 2, tpot_s, 0))

@@ -303,3 +303,26 @@ def test_the_chunked_gap_bound_is_not_vacuous_fcfs_breaks_it():
     requests = [("a", 30, 150)] * 20 + [("b", 30, 150)] * 20
     worst, bound = gap_with_chunked_progress("fcfs", requests, chunk=8)
     assert worst > bound
+
+
+def test_a_grant_goes_only_where_prompt_and_max_tokens_fit_the_kv_cache_the_engine_reported():
+    """Two L4 replicas of two slots whose engines hold 1,000 KV tokens: requests of 10 + 600 tokens fit one per
+    replica, as in the simulator; the other two wait in the fair queue, and a finish lets the next one in."""
+    ctl = controller(replicas=(("l4", "l0"), ("l4", "l1")))
+    for name in ("l0", "l1"):
+        report(ctl, "l4", name, kv_capacity_tokens=1000)
+    for rid, user in (("a1", "a"), ("b1", "b"), ("a2", "a"), ("b2", "b")):
+        submit(ctl, rid, user, prompt=10, max_tokens=600)
+    first = grants(ctl)
+    assert len(first) == 2 and {g.replica for g in first.values()} == {"l0", "l1"}
+    finish(ctl, next(iter(first)))
+    assert len(grants(ctl)) == 1
+
+
+def test_an_engine_that_does_not_say_its_kv_cache_leaves_only_the_slots_to_decide():
+    ctl = controller(replicas=(("l4", "l0"), ("l4", "l1")))
+    for name in ("l0", "l1"):
+        report(ctl, "l4", name)
+    for rid, user in (("a1", "a"), ("b1", "b"), ("a2", "a"), ("b2", "b")):
+        submit(ctl, rid, user, prompt=10, max_tokens=600)
+    assert len(grants(ctl)) == 4

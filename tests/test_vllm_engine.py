@@ -53,6 +53,7 @@ def test_eight_concurrent_streams_complete_with_the_requested_counts(engine, loo
         assert 0 < usage.ttft_s <= usage.e2e_s
     assert stats.tokens_per_s > 0 and stats.output_tokens_per_s > 0
     assert 0 < stats.busy_fraction <= 1 and stats.utilization_source == "busy-fraction"
+    assert stats.kv_capacity_tokens >= 512  # the cache vLLM sized from its 128 MiB, for the controller's KV view
     assert sum(chunks[-1].usage.busy_seconds for chunks in results) > 0
 
 

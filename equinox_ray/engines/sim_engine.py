@@ -117,6 +117,7 @@ class SimEngine:
             busy_fraction=busy, utilization=busy, utilization_source="simulated",
             healthy=self._failure is None and self._loop_task is not None and not self._loop_task.done(),
             extra={"gpu": self.config.gpu, "model": self.config.model, "tp": self.config.tp},
+            kv_capacity_tokens=self.batcher.kv_capacity,
         )
 
     async def _run(self) -> None:

@@ -114,6 +114,7 @@ class EngineStats:
     utilization_source: UtilizationSource
     healthy: bool = True
     extra: dict = field(default_factory=dict)
+    kv_capacity_tokens: int | None = None  # tokens its KV cache holds in all; None: unknown
 
 
 class Engine(Protocol):

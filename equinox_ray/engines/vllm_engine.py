@@ -187,8 +187,13 @@ class VLLMEngine:
             tokens_per_s=tps, output_tokens_per_s=out_tps, busy_fraction=busy,
             utilization=busy if gpu is None else gpu, utilization_source="busy-fraction" if gpu is None else "nvml",
             healthy=self._engine is not None and self._dead is None and not self._engine.errored,
-            extra={"model": self.config.model},
+            extra={"model": self.config.model}, kv_capacity_tokens=self._kv_capacity(),
         )
+
+    def _kv_capacity(self) -> int | None:
+        """The KV cache's tokens, known once the engine core has sized it (it tells the client at start-up)."""
+        cache = self._engine.vllm_config.cache_config if self._engine is not None else None
+        return cache.num_gpu_blocks * cache.block_size if cache is not None and cache.num_gpu_blocks else None
 
     def _check_alive(self) -> None:
         if self._engine is None:

@@ -51,7 +51,7 @@ def best_by(candidates: Sequence[PoolView], cost: Callable[[PoolView], float]) -
     return min(candidates, key=lambda p: (cost(p), -p.free_slots, p.name))
 
 
-UNKNOWN_KV = 1 << 30  # a replica whose free KV tokens are unknown (vLLM preempts rather than refuses)
+UNKNOWN_KV = 1 << 30  # a replica whose free KV tokens are unknown: its engine has not said its KV cache's size
 MIN_UTILIZATION = 0.05  # the resource counter divides by it: a pool that just went idle is not free
 
 

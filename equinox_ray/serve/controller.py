@@ -141,6 +141,7 @@ class FairnessController:
         replica = self.pools[request.pool].replicas.get(tracked.replica)
         if replica is not None:
             replica.running -= 1
+            replica.kv_promised -= request.kv_demand
         outcome = Outcome(request.id, request.user, request.pool, request.prompt_tokens, output, ttft, e2e, busy,
                           cancelled=finished.cancelled)
         self.policy.finish(outcome, self.now())
@@ -349,8 +350,9 @@ class FairnessController:
                 return
             request = decision.request
             tracked, pool = self.tracked[request.id], self.pools[decision.pool]
-            replica_name = pool.pick_replica()
+            replica_name = pool.pick_replica(request.kv_demand)
             pool.replicas[replica_name].running += 1
+            pool.replicas[replica_name].kv_promised += request.kv_demand
             pool.granted += 1
             self.version += 1  # a grant charged its user
             tracked.granted_at, tracked.replica, tracked.prediction = self.now(), replica_name, decision.prediction

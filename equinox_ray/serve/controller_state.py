@@ -9,6 +9,7 @@ from typing import Callable
 
 from equinox_ray.engines.replica import ReplicaReport
 from equinox_ray.fairness import PoolFacts, PoolView, Prediction, ReplicaObservation, Request, pool_view
+from equinox_ray.fairness.pools import UNKNOWN_KV
 from equinox_ray.serve.checkpoint import UsageTotals
 from equinox_ray.serve.config import PoolConfig
 from equinox_ray.serve.protocol import Dispatch
@@ -35,6 +36,7 @@ class ReplicaState:
     routable: bool = False  # Serve routes to it: it has started and is not being stopped
     report: ReplicaReport | None = None
     lost_at: float | None = None  # when an ingress lost its channel to it; a report after the controller's LOST_GRACE_S clears it
+    kv_promised: int = 0  # prompt + max_tokens of the requests granted here and not finished
 
     @property
     def healthy(self) -> bool:
@@ -44,12 +46,19 @@ class ReplicaState:
     def free_slots(self) -> int:
         return max(0, self.window - self.running) if self.routable and self.lost_at is None and self.healthy else 0
 
+    @property
+    def free_kv_tokens(self) -> int:
+        """KV-cache tokens not promised to what was granted here, as the simulator's replicas count them, once the
+        engine has said how many it holds."""
+        capacity = self.report.stats.kv_capacity_tokens if self.report is not None else None
+        return UNKNOWN_KV if capacity is None else capacity - self.kv_promised
+
     def observation(self) -> ReplicaObservation:
         r = self.report
         if r is None:
             return ReplicaObservation(self.free_slots, self.running)
         return ReplicaObservation(self.free_slots, self.running, r.stats.waiting, r.stats.kv_cache_usage,
-                                  r.stats.tokens_per_s, r.stats.utilization, r.tpot_s)
+                                  r.stats.tokens_per_s, r.stats.utilization, r.tpot_s, self.free_kv_tokens)
 
 
 @dataclass
@@ -73,9 +82,11 @@ class PoolState:
     def view(self) -> PoolView:
         return pool_view(self.facts, [r.observation() for r in self.replicas.values()])
 
-    def pick_replica(self) -> str:
-        """The replica with the most free slots (ties: the first by name, so choices are deterministic)."""
-        return min(self.replicas, key=lambda name: (-self.replicas[name].free_slots, name))
+    def pick_replica(self, kv_demand: int) -> str:
+        """Among the replicas whose KV cache holds `kv_demand` (any, if none does), the one with the most free slots
+        (ties: the first by name, so choices are deterministic)."""
+        fitting = [name for name, r in self.replicas.items() if r.free_kv_tokens >= kv_demand] or self.replicas
+        return min(fitting, key=lambda name: (-self.replicas[name].free_slots, name))
 
 
 @dataclass

@@ -76,7 +76,7 @@ class ClusterSim:
     stats_window_s: float = 5.0
     on_completion: Callable[[SimCompletion], None] | None = None  # e.g. a writer of MoPE's training records
     # whether the replicas tell the policy their free KV cache, so that it grants only what fits; False is the Serve
-    # path today, whose replicas report none and whose engines queue what does not fit (docs/design.md)
+    # path as it was before its engines reported their KV cache's size: the engines queue what does not fit
     kv_visible: bool = True
     _replicas: dict[str, list[SimReplica]] = field(init=False, default_factory=dict)
     _ran: bool = field(init=False, default=False)
