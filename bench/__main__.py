@@ -93,7 +93,7 @@ GOALS = {  # the beat-VTC issue's targets on Equinox's ratios to VTC; (key, scen
 def missed_goals(scenario: str, ratios: dict, equinox: dict | None = None) -> list[str]:
     """The goals `ratios` misses, in words; `equinox`'s own metrics add why the light users' p99 missed (how many
     other requests started while its slowest light request waited)."""
-    missed = []
+    missed, equinox = [], equinox or {}
     for key, rules in GOALS.items():
         for where, ok, text in rules:
             if where is None or scenario in where:
@@ -102,9 +102,9 @@ def missed_goals(scenario: str, ratios: dict, equinox: dict | None = None) -> li
                     missed.append(f"{key} n/a")  # e.g. Jain where no user waited long enough to count
                 elif not ok(value):
                     why = ""
-                    passed = (equinox or {}).get("light_slowest_passed")
+                    passed = equinox.get("light_slowest_passed")
                     if key == "light_ttft_p99" and passed is not None and not math.isnan(passed):
-                        count = (equinox or {}).get("light_requests")
+                        count = equinox.get("light_requests")
                         why = (f"; p99 of {count:,.0f} light requests" if count else "") + \
                             f"; Equinox's slowest light request was passed by {passed:.0f} grants"
                     missed.append(f"{key} {value if isinstance(value, bool) else f'{value:.3f}'} (goal {text}{why})")

@@ -177,8 +177,8 @@ class ClusterSim:
         replicas = [r for r in self._replicas[pool] if r.free_slots]
         if not self.kv_visible:  # the policy saw free slots alone: the replica's engine queues what does not fit
             return min(replicas, key=lambda r: r.in_flight)
-        demand = request.prompt_tokens + request.max_tokens
-        return min((r for r in replicas if r.free_kv_tokens >= demand), key=lambda r: (r.in_flight, -r.free_kv_tokens))
+        return min((r for r in replicas if r.free_kv_tokens >= request.kv_demand),
+                   key=lambda r: (r.in_flight, -r.free_kv_tokens))
 
     def _view(self, pool: str) -> PoolView:
         view = self._views.get(pool)
