@@ -3,7 +3,7 @@ from hypothesis import given, settings, strategies as st
 
 from equinox_ray.fairness import (
     FCFS, VTC, Efficiency, Equinox, EquinoxWeights, InvalidRequest, MovingAveragePredictor, Outcome, Prediction, PoolView, Request,
-    UnknownUser, User, ZeroOutputPredictor,
+    ReplicaObservation, UnknownUser, User, ZeroOutputPredictor, pick_replica,
 )
 from policy_helpers import POOL, drain, req, users
 from token_loop import max_gap_while_backlogged, run
@@ -325,3 +325,15 @@ def test_equinox_gap_stays_within_vtcs_bound_plus_the_slack(workload, capacity, 
     result = run(policy, arrivals, capacity=capacity, steps=400)
     longest_input = max(r.prompt_tokens for _, r, _ in arrivals)
     assert max_gap_while_backlogged(result, "u0", "u1") <= 2 * max(1 * longest_input, 2 * capacity) + slack
+
+
+def test_a_granted_request_goes_to_the_replica_with_most_free_slots_where_it_fits_then_most_free_kv():
+    replicas = {
+        "r0": ReplicaObservation(free_slots=4, running=0, free_kv_tokens=500),  # most slots, too little KV
+        "r1": ReplicaObservation(free_slots=2, running=2, free_kv_tokens=3_000),
+        "r2": ReplicaObservation(free_slots=2, running=2, free_kv_tokens=5_000),
+        "r3": ReplicaObservation(free_slots=0, running=4, free_kv_tokens=9_000),  # full
+    }
+    assert pick_replica(replicas, kv_demand=1_000) == "r2"
+    assert pick_replica(replicas, kv_demand=100) == "r0"
+    assert pick_replica(replicas, kv_demand=10_000) == "r0"  # fits none: the same order over all

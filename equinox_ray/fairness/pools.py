@@ -9,7 +9,7 @@ benchmark is what we serve.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 
 UNKNOWN_CONTEXT = 1 << 30  # a pool whose model context was not given: any request fits
@@ -103,6 +103,15 @@ def pool_view(facts: PoolFacts, replicas: Sequence[ReplicaObservation]) -> PoolV
         decode_tps=1.0 / _mean(tpots) if tpots else facts.decode_tps,
         cost_weight=facts.cost_weight,
         max_request_tokens=facts.max_request_tokens)
+
+
+def pick_replica(replicas: Mapping[str, ReplicaObservation], kv_demand: int) -> str:
+    """The replica of its pool a granted request goes to: among those with a free slot whose free KV cache holds
+    it, the one with the most free slots, then the most free KV, then the first by name. Where none does (a view
+    older than the replicas' state), the same order over all of them. Serve and the simulator both place by it."""
+    names = sorted(replicas)
+    fitting = [n for n in names if replicas[n].free_slots and replicas[n].free_kv_tokens >= kv_demand] or names
+    return min(fitting, key=lambda n: (-replicas[n].free_slots, -replicas[n].free_kv_tokens, n))
 
 
 def _mean(values: list[float]) -> float:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from equinox_ray.engines.replica import ReplicaReport
-from equinox_ray.fairness import PoolFacts, PoolView, Prediction, ReplicaObservation, Request, pool_view
+from equinox_ray.fairness import PoolFacts, PoolView, Prediction, ReplicaObservation, Request, pick_replica, pool_view
 from equinox_ray.fairness.pools import UNKNOWN_KV
 from equinox_ray.serve.checkpoint import UsageTotals
 from equinox_ray.serve.config import PoolConfig
@@ -83,10 +83,7 @@ class PoolState:
         return pool_view(self.facts, [r.observation() for r in self.replicas.values()])
 
     def pick_replica(self, kv_demand: int) -> str:
-        """Among the replicas whose KV cache holds `kv_demand` (any, if none does), the one with the most free slots
-        (ties: the first by name, so choices are deterministic)."""
-        fitting = [name for name, r in self.replicas.items() if r.free_kv_tokens >= kv_demand] or self.replicas
-        return min(fitting, key=lambda name: (-self.replicas[name].free_slots, name))
+        return pick_replica({name: r.observation() for name, r in self.replicas.items()}, kv_demand)
 
 
 @dataclass

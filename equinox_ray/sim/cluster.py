@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 from equinox_ray.fairness.metrics import CompletionRecord
 from equinox_ray.fairness.fcfs import FCFS
 from equinox_ray.fairness.policy import Policy
-from equinox_ray.fairness.pools import UNKNOWN_KV, PoolView, pool_view
+from equinox_ray.fairness.pools import UNKNOWN_KV, PoolView, ReplicaObservation, pick_replica, pool_view
 from equinox_ray.fairness.prediction import Outcome
 from equinox_ray.fairness.request import Request
 from equinox_ray.sim.replica import PoolSpec, SimReplica
@@ -174,18 +174,19 @@ class ClusterSim:
             self._start_step(replica, now)
 
     def _pick_replica(self, pool: str, request: Request) -> SimReplica:
-        replicas = [r for r in self._replicas[pool] if r.free_slots]
+        replicas = {r.name: r for r in self._replicas[pool]}
+        return replicas[pick_replica({name: self._observe(r) for name, r in replicas.items()}, request.kv_demand)]
+
+    def _observe(self, replica: SimReplica) -> ReplicaObservation:
+        observed = replica.observation()
         if not self.kv_visible:  # the policy saw free slots alone: the replica's engine queues what does not fit
-            return min(replicas, key=lambda r: r.in_flight)
-        return min((r for r in replicas if r.free_kv_tokens >= request.kv_demand),
-                   key=lambda r: (r.in_flight, -r.free_kv_tokens))
+            observed = replace(observed, free_kv_tokens=UNKNOWN_KV)
+        return observed
 
     def _view(self, pool: str) -> PoolView:
         view = self._views.get(pool)
         if view is None:
-            observed = [r.observation() for r in self._replicas[pool]]
-            if not self.kv_visible:
-                observed = [replace(o, free_kv_tokens=UNKNOWN_KV) for o in observed]
+            observed = [self._observe(r) for r in self._replicas[pool]]
             view = self._views[pool] = pool_view(self._facts[pool], observed)
         return view
 
