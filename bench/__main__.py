@@ -11,6 +11,7 @@
     python -m bench peers                                  vllm bench serve and guidellm, ours against vLLM's server
     python -m bench sweep SETTING VALUE ...                one policy setting at several values against VTC
     python -m bench kv-view [--scenario NAME ...]          VTC and Equinox with and without the replicas' free KV
+    python -m bench ceiling [--scenario NAME ...]          steady throughput placement can buy on mixed GPU types
 """
 
 from __future__ import annotations
@@ -168,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench.kv_view import main as kv_view_main
 
         sys.exit(kv_view_main(argv[1:]))
+    if argv[:1] == ["ceiling"]:
+        from bench.ceiling import main as ceiling_main
+
+        sys.exit(ceiling_main(argv[1:]))
     if argv[:1] == ["peers"]:
         from bench.peers import main as peers_main
 
@@ -197,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("sweep", help="one policy setting at several values against VTC: python -m bench sweep --help")
     sub.add_parser("peers", help="peer load generators against us and vLLM: python -m bench peers --help")
     sub.add_parser("kv-view", help="the policy with and without the replicas' free KV: python -m bench kv-view --help")
+    sub.add_parser("ceiling", help="steady throughput placement can buy: python -m bench ceiling --help")
     args = parser.parse_args(argv)
     if args.command == "suite":
         args.out.mkdir(parents=True, exist_ok=True)

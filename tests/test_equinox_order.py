@@ -54,7 +54,7 @@ def test_the_default_slack_is_one_whole_prompt_of_the_pools_largest_context():
         pool = PoolView("p", free_slots=8, free_kv_tokens=10_000,
                         **({} if context is None else {"max_request_tokens": context}))
         policy = Equinox(users("big", "small"), efficiency=Efficiency(fresh_first=False), dispatch="least_loaded")
-        policy._lengths.observe(Outcome("earlier", "big", "p", 10, 500, 0.1, 1.0, 1.0))  # big's outputs: 500
+        policy.lengths.observe(Outcome("earlier", "big", "p", 10, 500, 0.1, 1.0, 1.0))  # big's outputs: 500
         policy.served["small"] = 1200.0
         policy.submit(req("big1", "big", prompt=500, max_tokens=500), 0)  # cost 500 + 2 x 500, fits 1k
         policy.submit(req("small1", "small", prompt=10), 0)  # virtual finish 1,210

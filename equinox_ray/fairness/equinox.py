@@ -139,7 +139,9 @@ class Equinox(VTC):
         self.weights = weights
         self.efficiency = efficiency
         self.queues = UserQueues(efficiency.max_overtakes, efficiency.max_reorder_depth)
-        self._lengths = MovingAveragePredictor()  # the user's mean output, for the queue order
+        # the output each request is assumed to have, for the queue order and pairing: the user's mean output (a
+        # benchmark may put the true lengths here to measure what better predictions could buy)
+        self.lengths: Predictor = MovingAveragePredictor()
         self.dispatch = dispatch
         self.e2e_slo_s = e2e_slo_s
         self.prepaid_output = prepaid_output
@@ -178,7 +180,7 @@ class Equinox(VTC):
             self.served[user] += gap
 
     def order_cost(self, request: Request) -> float:
-        return self.input_weight * request.prompt_tokens + self.output_weight * self._lengths.output_tokens(request)
+        return self.input_weight * request.prompt_tokens + self.output_weight * self.lengths.output_tokens(request)
 
     def slack(self, pools: Sequence[PoolView]) -> float:
         return slack_tokens(self.efficiency, self.input_weight, [p.max_request_tokens for p in pools])
@@ -211,7 +213,7 @@ class Equinox(VTC):
 
     def _seconds(self, request: Request, pool: PoolView) -> float:
         """The request's time on the pool from its nominal speeds and the user's mean output."""
-        return request.prompt_tokens / pool.prefill_tps + self._lengths.output_tokens(request) / pool.decode_tps
+        return request.prompt_tokens / pool.prefill_tps + self.lengths.output_tokens(request) / pool.decode_tps
 
     def _suitability(self, request: Request, fitting: Sequence[PoolView], pools: Sequence[PoolView]) -> float:
         """The request's time on the fitting pool that suits it best over its time on the cluster's fastest pool for
@@ -257,7 +259,7 @@ class Equinox(VTC):
 
     def on_finish(self, request: Request, outcome: Outcome, now: float) -> None:
         super().on_finish(request, outcome, now)
-        self._lengths.observe(outcome)
+        self.lengths.observe(outcome)
         admission = self._admissions.pop(request.id)
         measured = self._resource_tokens(outcome.busy_seconds, admission.cost_weight, request)
         self.resource[request.user] += measured - admission.prepaid_resource

@@ -67,6 +67,25 @@ class SimResult:
         return sum(self.busy_seconds.values()) / (len(self.busy_seconds) * self.makespan_s)
 
 
+def scheduler_view(workload: Workload, pools: Sequence[PoolSpec],
+                   max_tokens_cap: int | None) -> tuple[list[Request], list[int], int]:
+    """The workload's requests as the policy sees them (prompt and max_tokens cut to fit the smallest model context
+    of the pools and the client's cap), the true output length of each, as its replica runs it, and how many were
+    cut."""
+    context = min(p.max_model_len for p in pools)
+    requests, truth, truncated = [], [], 0
+    for i, r in enumerate(workload.requests):
+        request = workload.scheduler_request(i, max_tokens_cap)
+        prompt = min(request.prompt_tokens, context - 1)
+        cap = min(request.max_tokens, context - prompt)
+        output = max(1, min(r.output_tokens, cap))
+        truncated += prompt != request.prompt_tokens or output != r.output_tokens
+        request.prompt_tokens, request.max_tokens = prompt, cap
+        requests.append(request)
+        truth.append(output)
+    return requests, truth, truncated
+
+
 @dataclass
 class ClusterSim:
     pools: Sequence[PoolSpec]
@@ -103,7 +122,7 @@ class ClusterSim:
         for user in workload.users.values():
             if user.name not in self.policy.users:
                 self.policy.add_user(user)
-        requests, truth, truncated = self._scheduler_view(workload)
+        requests, truth, truncated = scheduler_view(workload, self.pools, self.max_tokens_cap)
         self._truth = dict(zip((r.id for r in requests), truth))
         self._live: dict[str, _Live] = {}
         self._records: list[CompletionRecord] = []
@@ -136,20 +155,6 @@ class ClusterSim:
             makespan_s=last - first, max_counter_gap=self._gap,
             largest_charge=self._largest_charge, truncated=truncated,
             wall_s=time.perf_counter() - started)
-
-    def _scheduler_view(self, workload: Workload) -> tuple[list[Request], list[int], int]:
-        context = min(p.max_model_len for p in self.pools)
-        requests, truth, truncated = [], [], 0
-        for i, r in enumerate(workload.requests):
-            request = workload.scheduler_request(i, self.max_tokens_cap)
-            prompt = min(request.prompt_tokens, context - 1)
-            cap = min(request.max_tokens, context - prompt)
-            output = max(1, min(r.output_tokens, cap))
-            truncated += prompt != request.prompt_tokens or output != r.output_tokens
-            request.prompt_tokens, request.max_tokens = prompt, cap
-            requests.append(request)
-            truth.append(output)
-        return requests, truth, truncated
 
     # -- dispatch ---------------------------------------------------------------------------------------------
     def _dispatch(self, now: float) -> None:
