@@ -4,6 +4,7 @@
     python -m bench overhead                               scheduling decisions/s of the fairness core
     python -m bench real [--scenario vtc-overload lmsys] [--rounds 3] [--policies vtc equinox]   the real path
     python -m bench real --jain-windows RECORDS            Jain's index at 2, 5, 10 s windows from a run's records
+    python -m bench real --pooled RECORDS ...              every round of past runs: how often Equinox beat VTC
     python -m bench path [--smoke]                         the serving path's cost against the engine alone
     python -m bench soak [--minutes 10] [--load 2.0]       three users at twice the capacity (bench/soak.py)
     python -m bench faults                                 kill -9 under load: pool replica, engine, controller
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     real.add_argument("--out", type=Path, default=RESULTS)
     real.add_argument("--jain-windows", type=Path, metavar="RECORDS", help="run nothing: recompute Jain's index at "
                       "longer windows from a past run's kept records (a file name in --out, or a path)")
+    real.add_argument("--pooled", type=Path, nargs="+", metavar="RECORDS", help="run nothing: Equinox against VTC "
+                      "in every round of past runs' kept records, per run and pooled, with a sign test")
     path = sub.add_parser("path", help="the serving path's CPU, throughput and latency")
     path.add_argument("--smoke", action="store_true", help="short loads, under 2 minutes")
     path.add_argument("--out", type=Path, default=RESULTS)
@@ -220,14 +223,22 @@ def main(argv: list[str] | None = None) -> None:
 
         overhead()
     elif args.jain_windows:
-        from bench.real_engine import jain_windows_from_records
+        from bench.real_rounds import jain_windows_from_records
 
-        records = args.jain_windows if args.jain_windows.exists() else args.out / args.jain_windows
-        jain_windows_from_records(records, args.out)
+        jain_windows_from_records(_kept(args.jain_windows, args.out), args.out)
+    elif args.pooled:
+        from bench.real_rounds import pooled
+
+        pooled([_kept(p, args.out) for p in args.pooled], args.out)
     else:
         from bench.real_engine import POLICIES as REAL_POLICIES, main as real_main
 
         real_main(args.scenario, args.out, args.rounds, tuple(args.policies or REAL_POLICIES))
+
+
+def _kept(records: Path, out: Path) -> Path:
+    """A run's kept records: a path, or a file name in --out."""
+    return records if records.exists() else out / records
 
 
 if __name__ == "__main__":

@@ -228,32 +228,6 @@ def jain_windows_table(runs: dict[str, list[dict[str, float]]], window_s: float)
     return "\n".join(lines)
 
 
-def jain_windows_from_records(path: Path, out: Path) -> Path:
-    """The Jain's-index table of a past run, recomputed from its kept records (`<stem>-records.jsonl.gz`), so that
-    runs made before the table existed can be read at the longer windows too."""
-    with gzip.open(path, "rt") as f:
-        kept = [json.loads(line) for line in f]
-    fields = {f.name for f in dataclasses.fields(CompletionRecord)}
-    sections = []
-    for name, rows in itertools.groupby(kept, key=lambda r: r["scenario"]):
-        workload, _, window_s = WORKLOADS[name][0](), *WORKLOADS[name][1:]
-        runs: dict[str, list[dict[str, float]]] = {}
-        for (_, policy), group in itertools.groupby(rows, key=lambda r: (r["round"], r["policy"])):
-            records = [CompletionRecord(**{k: v for k, v in r.items() if k in fields}) for r in group]
-            ws = windowed_service(records, workload.users, window_s, min_wait_s=MIN_WAIT_S)
-            runs.setdefault(policy, []).append({"jain": mean_jain(ws), **jain_at_long_windows(records, workload)})
-        sections += [f"## {name}", "", jain_windows_table(runs, window_s), ""]
-    stem = path.name.removesuffix("-records.jsonl.gz")
-    text = "\n".join([f"# Jain's index at longer windows: {stem}", "",
-                      f"Recomputed from `{path.name}` with `python -m bench real --jain-windows {path.name}`: each "
-                      f"round's Jain's index (a user counts as backlogged in a window if a request waited over "
-                      f"{MIN_WAIT_S:g} s), Equinox over VTC.", "", *sections])
-    target = out / f"{stem}-jain-windows.md"
-    target.write_text(text)
-    print(text)
-    return target
-
-
 def main(names: list[str], out: Path, rounds: int = 3, policies: tuple[str, ...] = POLICIES) -> None:
     from equinox_ray.serve.local import BASE_URL, default_app
 
