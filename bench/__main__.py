@@ -13,6 +13,7 @@
     python -m bench sweep SETTING VALUE ...                one policy setting at several values against VTC
     python -m bench kv-view [--scenario NAME ...]          VTC and Equinox with and without the replicas' free KV
     python -m bench ceiling [--scenario NAME ...]          steady throughput placement can buy on mixed GPU types
+    python -m bench generalize [--draws 24]                Equinox against VTC on random workloads and clusters
 """
 
 from __future__ import annotations
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench.ceiling import main as ceiling_main
 
         sys.exit(ceiling_main(argv[1:]))
+    if argv[:1] == ["generalize"]:
+        from bench.generalize import main as generalize_main
+
+        sys.exit(generalize_main(argv[1:]))
     if argv[:1] == ["peers"]:
         from bench.peers import main as peers_main
 
@@ -206,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("peers", help="peer load generators against us and vLLM: python -m bench peers --help")
     sub.add_parser("kv-view", help="the policy with and without the replicas' free KV: python -m bench kv-view --help")
     sub.add_parser("ceiling", help="steady throughput placement can buy: python -m bench ceiling --help")
+    sub.add_parser("generalize", help="Equinox against VTC on random workloads: python -m bench generalize --help")
     args = parser.parse_args(argv)
     if args.command == "suite":
         args.out.mkdir(parents=True, exist_ok=True)

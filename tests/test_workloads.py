@@ -106,3 +106,18 @@ def test_scheduler_request_hides_the_true_length_behind_a_cap():
     request = w.scheduler_request(0, max_tokens_cap=1024)
     assert request.max_tokens == 1024 != w.requests[0].output_tokens
     assert not hasattr(request, "output_tokens")
+
+
+def test_random_workloads_are_seeded_and_give_each_user_its_own_lengths_and_arrivals():
+    from equinox_ray.workloads.random_mix import MAX_OUTPUT, MAX_PROMPT, random_workload
+    a = random_workload(7, n_users=12, n_requests=3000, duration=500.0)
+    assert a.requests == random_workload(7, n_users=12, n_requests=3000, duration=500.0).requests
+    assert a.requests != random_workload(8, n_users=12, n_requests=3000, duration=500.0).requests
+    assert len(a.requests) == 3000 and 0 <= a.requests[0].arrival_s and a.duration_s <= 500.0
+    assert all(1 <= r.prompt_tokens <= MAX_PROMPT and 1 <= r.output_tokens <= MAX_OUTPUT for r in a.requests)
+    medians = {}
+    for user in a.users:
+        prompts = [r.prompt_tokens for r in a.requests if r.user == user]
+        if len(prompts) >= 20:
+            medians[user] = np.median(prompts)
+    assert len(medians) >= 3 and max(medians.values()) > 4 * min(medians.values())
