@@ -47,6 +47,17 @@ def test_the_slack_lets_a_user_with_a_cheap_head_go_first_and_only_within_the_sl
         assert drain(policy)[0] == f"{first}1", slack
 
 
+def test_a_user_passed_by_the_cap_of_grants_to_larger_keys_goes_next():
+    for cap, passed in [(3, 3), (0, 20)]:
+        policy = Equinox(users("big", "small"), dispatch="least_loaded",
+                         efficiency=Efficiency(slack_tokens=10_000.0, fresh_first=False, max_passes=cap))
+        policy.served["small"] = 100.0  # big's key is the smaller, its head far the dearer
+        policy.submit(req("big1", "big", prompt=5_000), 0)
+        for i in range(20):
+            policy.submit(req(f"s{i}", "small", prompt=10), 0)
+        assert drain(policy).index("big1") == passed, cap
+
+
 def test_the_default_slack_is_one_whole_prompt_of_the_pools_largest_context():
     """Delta follows the model: a user 1,200 tokens above the smallest counter competes by its virtual finish beside
     4k-context pools and not beside 1k-context ones; pools that do not say their context get 4,096."""

@@ -15,7 +15,8 @@ Inside the fairness bound, three switches (`Efficiency`) buy latency without mov
     and a request overtaken `max_overtakes` times goes next; a queue deeper than `max_reorder_depth` runs FIFO;
 (b) among the backlogged users whose key is within `slack_tokens` (Delta) of the smallest, the one with the
     smallest virtual finish, key + c(head) / weight, goes next, except that a user back from idle ranks by its key
-    alone until its first grant (`fresh_first`): the gap between backlogged users stays within VTC's bound + Delta;
+    alone until its first grant (`fresh_first`), and so does a user passed `max_passes` times by grants to larger
+    keys: the gap between backlogged users stays within VTC's bound + Delta;
 (c) on mixed GPU types, among those same users, the head request and free pool with the smallest relative time
     (its time on that pool over its time on the fastest pool of the cluster, from the pools' nominal speeds, in
     bands of `pairing_band`) are paired first: each pool gets the work it is comparatively best at (Melange, arXiv
@@ -88,6 +89,9 @@ class Efficiency:
     # user with a deep queue always has a cheap request, and ranking users by it makes (b) shortest job first across
     # users, which favours the deepest queues over users with one request waiting
     finish_by_oldest: bool = False
+    # (b), (c) a user passed by this many grants to users whose key was larger than its own goes next (its key
+    # alone ranks it, ahead of pairing): the reordering inside Delta delays no one's head without end. 0: no limit
+    max_passes: int = 32
 
     def __post_init__(self) -> None:
         if (self.max_overtakes < 0 or self.max_reorder_depth < 0 or (self.slack_tokens or 0) < 0
@@ -149,6 +153,7 @@ class Equinox(VTC):
         self.resource: dict[str, float] = defaultdict(float)
         self._admissions: dict[str, _Admission] = {}
         self._fresh: set[str] = set()  # users backlogged from idle and not granted since
+        self._passes: dict[str, int] = defaultdict(int)  # grants to larger keys since the user's last grant
 
     def ufc(self, user: str) -> float:
         w = self.weights
@@ -173,6 +178,7 @@ class Equinox(VTC):
         super().on_backlogged(user)
         if self.efficiency.fresh_first:
             self._fresh.add(user)
+        self._passes.pop(user, None)
 
     def lift(self, user: str, floor: float) -> None:
         gap = floor - self.key(user)
@@ -191,19 +197,28 @@ class Equinox(VTC):
         slack = self.slack(pools)
         if top is None or (slack <= 0 and not pairing):
             return None if top is None else top[0]
-        best, best_rank = top[0], None
+        best, best_rank, keys = top[0], None, {}
         limit = top[1][0] + slack
+        max_passes = self.efficiency.max_passes
         for user, key in self._heap.smallest(self.efficiency.candidates, limit):
             head = self.queues.head(user)
             fitting = fitting_pools(head.kv_demand, pools)
             if not fitting:
                 continue
-            suited = self._suitability(head, fitting, pools) if pairing else 0.0
-            cost = self.queues.oldest_cost(user) if self.efficiency.finish_by_oldest else self.queues.head_cost(user)
-            finish = key[0] + cost / self.weight(user)
-            rank = (suited, key[0] if user in self._fresh else finish, head.arrival)
+            keys[user] = key[0]
+            if max_passes and self._passes[user] >= max_passes:
+                rank = (0, 0.0, key[0], head.arrival)
+            else:
+                suited = self._suitability(head, fitting, pools) if pairing else 0.0
+                cost = self.queues.oldest_cost(user) if self.efficiency.finish_by_oldest else self.queues.head_cost(user)
+                finish = key[0] + cost / self.weight(user)
+                rank = (1, suited, key[0] if user in self._fresh else finish, head.arrival)
             if best_rank is None or rank < best_rank:
                 best, best_rank = user, rank
+        if max_passes and best in keys:
+            for user, key in keys.items():
+                if key < keys[best]:
+                    self._passes[user] += 1
         return best
 
     def _pairing(self, pools: Sequence[PoolView]) -> bool:
@@ -251,6 +266,7 @@ class Equinox(VTC):
     def on_admit(self, request: Request, pool: PoolView, prediction: Prediction | None, now: float) -> None:
         super().on_admit(request, pool, prediction if self.prepaid_output else None, now)
         self._fresh.discard(request.user)
+        self._passes.pop(request.user, None)
         resource = 0.0
         if prediction is not None:
             resource = self._resource_tokens(prediction.busy_seconds(request.prompt_tokens), pool.cost_weight, request)

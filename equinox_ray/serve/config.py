@@ -71,6 +71,8 @@ class EfficiencyConfig(Strict):
     finish_by_oldest: bool = Field(False, description="(b) a user's virtual finish counts its oldest waiting "
                                                       "request's cost, not that of the request (a) put first, so "
                                                       "that (b) does not favour the deepest queues")
+    max_passes: int = Field(32, ge=0, description="(b), (c) a user passed this often by grants to users with larger "
+                                                  "keys goes next, ranked by its key alone. 0: no limit")
 
     def to_core(self) -> Efficiency:
         return Efficiency(**self.model_dump())
