@@ -7,7 +7,7 @@ Arrivals are spread so that the nominal load (the pools' nominal speeds against 
 drawn from 0.7 to 1.6. Both policies run in the simulator with their defaults; the table gives Equinox's ratios to
 VTC on the goals' metrics for every draw, then how many draws each metric went Equinox's way.
 
-    python -m bench generalize [--draws 24] [--requests 4000]
+    python -m bench generalize [--draws 24] [--requests 4000] [--set efficiency.max_passes 0]
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import numpy as np
 from bench.report import goal_ratios, metrics
 from bench.scenarios import Scenario, pool
 from bench.suite import run_scenario
+from bench.sweep import config_with
+from equinox_ray.serve.config import PolicyConfig
 from equinox_ray.sim import PoolSpec
 from equinox_ray.workloads.random_mix import random_workload
 from equinox_ray.workloads.workload import Workload
@@ -75,14 +77,16 @@ def better(key: str, ratio: float) -> int:
     return 1 if (ratio > 1) == (key in HIGHER_IS_BETTER) else -1
 
 
-def generalize(draws: int, n_requests: int, first_seed: int) -> str:
-    lines = ["| seed | cluster | users | nominal load | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain "
-             "| pair gap within bound |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+def generalize(draws: int, n_requests: int, first_seed: int, equinox: PolicyConfig | None = None) -> str:
+    """`equinox`: the config Equinox runs with (its defaults where None)."""
+    lines = ["| seed | cluster | users | nominal load | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 "
+             "| Jain | pair gap within bound |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     ratios: dict[str, list[float]] = {key: [] for key in KEYS}
     within = []
     for seed in range(first_seed, first_seed + draws):
         scenario, load = draw(seed, n_requests)
-        runs = {run.label: metrics(run) for run in run_scenario(scenario, progress=False)}
+        changed = {"policies": ("vtc",), "configs": {"equinox": equinox}} if equinox else {}
+        runs = {run.label: metrics(run) for run in run_scenario(scenario, progress=False, **changed)}
         r = goal_ratios(runs["equinox"], runs["vtc"])
         for key in KEYS:
             ratios[key].append(float(r[key]))
@@ -112,11 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=24)
     parser.add_argument("--requests", type=int, default=4000, help="requests per draw")
     parser.add_argument("--first-seed", type=int, default=1000)
+    parser.add_argument("--set", nargs=2, metavar=("SETTING", "VALUE"), help="Equinox with one setting changed "
+                        "from its default (as bench sweep takes it); written to generalize-SETTING-VALUE.md")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    text = generalize(args.draws, args.requests, args.first_seed)
+    equinox = config_with(*args.set) if args.set else None
+    text = generalize(args.draws, args.requests, args.first_seed, equinox)
+    if args.set:
+        text = text.replace("`python -m bench generalize", f"`python -m bench generalize --set {' '.join(args.set)}", 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "generalize.md").write_text(text)
+    (args.out / ("generalize.md" if not args.set else f"generalize-{args.set[0]}-{args.set[1]}.md")).write_text(text)
     print(text)
     return 0
 

@@ -199,27 +199,30 @@ class Equinox(VTC):
             return None if top is None else top[0]
         best, best_rank, keys = top[0], None, {}
         limit = top[1][0] + slack
-        max_passes = self.efficiency.max_passes
         for user, key in self._heap.smallest(self.efficiency.candidates, limit):
-            head = self.queues.head(user)
-            fitting = fitting_pools(head.kv_demand, pools)
+            fitting = fitting_pools(self.queues.head(user).kv_demand, pools)
             if not fitting:
                 continue
             keys[user] = key[0]
-            if max_passes and self._passes[user] >= max_passes:
-                rank = (0, 0.0, key[0], head.arrival)
-            else:
-                suited = self._suitability(head, fitting, pools) if pairing else 0.0
-                cost = self.queues.oldest_cost(user) if self.efficiency.finish_by_oldest else self.queues.head_cost(user)
-                finish = key[0] + cost / self.weight(user)
-                rank = (1, suited, key[0] if user in self._fresh else finish, head.arrival)
+            rank = self._rank(user, key[0], fitting, pools, pairing)
             if best_rank is None or rank < best_rank:
                 best, best_rank = user, rank
-        if max_passes and best in keys:
+        if self.efficiency.max_passes and best in keys:
             for user, key in keys.items():
                 if key < keys[best]:
                     self._passes[user] += 1
         return best
+
+    def _rank(self, user: str, key: float, fitting: Sequence[PoolView], pools: Sequence[PoolView],
+              pairing: bool) -> tuple:
+        """The candidate's place in the decision; the smallest goes next."""
+        head = self.queues.head(user)
+        if self.efficiency.max_passes and self._passes[user] >= self.efficiency.max_passes:
+            return (0, 0.0, key, head.arrival)
+        suited = self._suitability(head, fitting, pools) if pairing else 0.0
+        cost = self.queues.oldest_cost(user) if self.efficiency.finish_by_oldest else self.queues.head_cost(user)
+        finish = key + cost / self.weight(user)
+        return (1, suited, key if user in self._fresh else finish, head.arrival)
 
     def _pairing(self, pools: Sequence[PoolView]) -> bool:
         """Pairing refines the fastest-pool dispatch on mixed GPU types; a configured cost or least-loaded dispatch
