@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.report import metrics
+from bench.report import metrics, publish
 from bench.scenarios import SCENARIOS, Scenario
 from bench.suite import Run, policy_config
 from equinox_ray.fairness import Equinox, Outcome, Request
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", nargs="+", choices=list(SCENARIOS), default=list(DEFAULT_SCENARIOS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    text = ceiling(args.scenario)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ceiling.md").write_text(text)
-    print(text)
+    publish(ceiling(args.scenario), args.out, "ceiling.md")
     return 0
 
 

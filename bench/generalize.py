@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import goal_ratios, metrics
+from bench.report import goal_ratios, metrics, publish
 from bench.scenarios import Scenario, pool
 from bench.suite import run_scenario
 from bench.sweep import config_with
@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     text = generalize(args.draws, args.requests, args.first_seed, equinox)
     if args.set:
         text = text.replace("`python -m bench generalize", f"`python -m bench generalize --set {' '.join(args.set)}", 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / ("generalize.md" if not args.set else f"generalize-{args.set[0]}-{args.set[1]}.md")).write_text(text)
-    print(text)
+    publish(text, args.out, "generalize.md" if not args.set else f"generalize-{args.set[0]}-{args.set[1]}.md")
     return 0
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.report import goal_ratios, metrics
+from bench.report import goal_ratios, metrics, publish
 from bench.scenarios import SCENARIOS
 from bench.suite import run_scenario
 
@@ -48,10 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", nargs="+", choices=list(SCENARIOS), default=list(DEFAULT_SCENARIOS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    text = kv_view(args.scenario)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kv-view.md").write_text(text)
-    print(text)
+    publish(kv_view(args.scenario), args.out, "kv-view.md")
     return 0
 
 

@@ -4,6 +4,7 @@ VTC and to FCFS beside the paper's claims."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -193,3 +194,11 @@ def change(a: float, b: float) -> str:
     if not b or math.isnan(a) or math.isnan(b):
         return "n/a"
     return f"{(a - b) / b:+.0%}"
+
+
+def publish(text: str, out: Path, name: str) -> Path:
+    """Write a benchmark's table to `out`/`name` and print it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(text)
+    print(text)
+    return out / name
