@@ -6,10 +6,13 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "http://127.0.0.1:8000"
+MODEL = "tiny-llama"
+ALICE, BOB, CAROL, ADMIN = "sk-alice-demo-key", "sk-bob-demo-key", "sk-carol-demo-key", "sk-admin-demo-key"
 
 
 def app_args(config: str) -> dict:
@@ -32,3 +35,13 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.2):
 
 def fairness(key: str) -> dict:
     return httpx.get(f"{BASE}/v1/fairness", headers=auth(key), timeout=10).json()
+
+
+def client(key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def error(response) -> dict:
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
