@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import goal_ratios, metrics, publish
+from bench.report import GOAL_KEYS, HIGHER_IS_BETTER, better, goal_ratios, metrics, publish
 from bench.scenarios import Scenario, pool
 from bench.suite import run_scenario
 from bench.sweep import config_with
@@ -32,8 +32,6 @@ RESULTS = Path(__file__).parent / "results"
 WINDOW_S = 5.0
 MAX_TOKENS = 1024
 TIE = 0.02  # ratios within 2% of 1 count as ties
-KEYS = ("steady_throughput", "ttft_p50", "ttft_p99", "light_ttft_p99", "jain")
-HIGHER_IS_BETTER = ("steady_throughput", "jain")
 
 
 def random_cluster(rng: np.random.Generator) -> tuple[PoolSpec, ...]:
@@ -70,37 +68,30 @@ def draw(seed: int, n_requests: int) -> tuple[Scenario, float]:
                     ("vtc", "equinox")), load
 
 
-def better(key: str, ratio: float) -> int:
-    """1 where Equinox is better past the tie band, -1 where worse, 0 otherwise (or undefined)."""
-    if math.isnan(ratio) or abs(ratio - 1) <= TIE:
-        return 0
-    return 1 if (ratio > 1) == (key in HIGHER_IS_BETTER) else -1
-
-
 def generalize(draws: int, n_requests: int, first_seed: int, equinox: PolicyConfig | None = None) -> str:
     """`equinox`: the config Equinox runs with (its defaults where None)."""
     lines = ["| seed | cluster | users | nominal load | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 "
              "| Jain | pair gap within bound |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    ratios: dict[str, list[float]] = {key: [] for key in KEYS}
+    ratios: dict[str, list[float]] = {key: [] for key in GOAL_KEYS}
     within = []
     for seed in range(first_seed, first_seed + draws):
         scenario, load = draw(seed, n_requests)
         changed = {"policies": ("vtc",), "configs": {"equinox": equinox}} if equinox else {}
         runs = {run.label: metrics(run) for run in run_scenario(scenario, progress=False, **changed)}
         r = goal_ratios(runs["equinox"], runs["vtc"])
-        for key in KEYS:
+        for key in GOAL_KEYS:
             ratios[key].append(float(r[key]))
         within.append(r["gap_within_bound"])
         workload = scenario.workloads(False)[0]
         lines.append(f"| {seed} | {scenario.title} | {len(workload.users)} | {load:.2f} | "
-                     + " | ".join(f"{r[key]:.2f}x" if key != "jain" else f"{r[key]:.3f}x" for key in KEYS)
+                     + " | ".join(f"{r[key]:.2f}x" if key != "jain" else f"{r[key]:.3f}x" for key in GOAL_KEYS)
                      + f" | {'yes' if r['gap_within_bound'] else 'no'} |")
         print(lines[-1], flush=True)
     summary = ["| metric | Equinox better | tie (within 2%) | Equinox worse | median ratio | worst ratio |",
                "|---|---:|---:|---:|---:|---:|"]
-    for key in KEYS:
+    for key in GOAL_KEYS:
         values = [v for v in ratios[key] if not math.isnan(v)]
-        tally = Counter(better(key, v) for v in values)
+        tally = Counter(better(key, v, TIE) for v in values)
         worst = min(values) if key in HIGHER_IS_BETTER else max(values)
         summary.append(f"| {key.replace('_', ' ')} | {tally[1]} | {tally[0]} | {tally[-1]} | "
                        f"{np.median(values):.3f}x | {worst:.3f}x |")

@@ -19,7 +19,6 @@ are listed below the table, so that the spread is seen.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gzip
 import itertools
 import json
@@ -32,7 +31,7 @@ import httpx
 import numpy as np
 
 from bench import cpu
-from bench.report import goal_ratios, mean_jain, record_metrics, rows_table
+from bench.report import GOAL_KEYS, better, goal_ratios, mean_jain, record_metrics, rows_table
 from bench.suite import POLICIES as SUITE_POLICIES  # each row's config, as the admin API takes it
 from equinox_ray.fairness.metrics import CompletionRecord, windowed_service
 from equinox_ray.workloads import synthetic, traces
@@ -186,24 +185,20 @@ def medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: median([run[key] for run in runs]) for key in runs[0]}
 
 
-HIGHER_IS_BETTER = ("steady_throughput", "jain")
-
-
 def round_ratios(runs: dict[str, list[dict[str, float]]]) -> str:
     """Equinox over VTC in each round, on the goals' metrics, and in how many rounds Equinox was the better of the
     two: the two ran back to back, so a round's ratio is the pairing least moved by the machine's pace."""
-    keys = ("steady_throughput", "ttft_p50", "ttft_p99", "light_ttft_p99", "jain")
     lines = ["| round | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain |",
              "|---:|---:|---:|---:|---:|---:|"]
-    better = {key: 0 for key in keys}
+    wins = {key: 0 for key in GOAL_KEYS}
     for i, (eq, vtc) in enumerate(zip(runs["equinox"], runs["vtc"]), 1):
         r = goal_ratios(eq, vtc)
-        for key in keys:
-            better[key] += bool(r[key] > 1 if key in HIGHER_IS_BETTER else r[key] < 1)
+        for key in GOAL_KEYS:
+            wins[key] += better(key, r[key]) > 0
         lines.append(f"| {i} | {r['steady_throughput']:.2f}x | {r['ttft_p50']:.2f}x | {r['ttft_p99']:.2f}x | "
                      f"{r['light_ttft_p99']:.2f}x | {r['jain']:.3f}x |")
     n = len(runs["equinox"])
-    lines.append("| Equinox better in | " + " | ".join(f"{better[key]} of {n}" for key in keys) + " |")
+    lines.append("| Equinox better in | " + " | ".join(f"{wins[key]} of {n}" for key in GOAL_KEYS) + " |")
     return "\n".join(lines)
 
 

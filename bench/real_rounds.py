@@ -13,11 +13,9 @@ import json
 import math
 from pathlib import Path
 
-from bench.real_engine import MIN_WAIT_S, WORKLOADS, HIGHER_IS_BETTER, jain_at_long_windows, jain_windows_table
-from bench.report import goal_ratios, mean_jain, record_metrics
+from bench.real_engine import MIN_WAIT_S, WORKLOADS, jain_at_long_windows, jain_windows_table
+from bench.report import GOAL_KEYS, better, goal_ratios, mean_jain, publish, record_metrics
 from equinox_ray.fairness.metrics import CompletionRecord, windowed_service
-
-GOAL_KEYS = ("steady_throughput", "ttft_p50", "ttft_p99", "light_ttft_p99", "jain")
 
 
 def kept_rounds(path: Path) -> dict[str, dict[str, list[list[CompletionRecord]]]]:
@@ -48,10 +46,7 @@ def jain_windows_from_records(path: Path, out: Path) -> Path:
                       f"Recomputed from `{path.name}` with `python -m bench real --jain-windows {path.name}`: each "
                       f"round's Jain's index (a user counts as backlogged in a window if a request waited over "
                       f"{MIN_WAIT_S:g} s), Equinox over VTC.", "", *sections])
-    target = out / f"{stem}-jain-windows.md"
-    target.write_text(text)
-    print(text)
-    return target
+    return publish(text, out, f"{stem}-jain-windows.md")
 
 
 def sign_test_p(wins: int, n: int) -> float:
@@ -75,10 +70,10 @@ def pooled(paths: list[Path], out: Path) -> Path:
             cells = []
             for key in GOAL_KEYS:
                 defined = [r[key] for r in pairs if not math.isnan(r[key])]
-                better = sum(r > 1 if key in HIGHER_IS_BETTER else r < 1 for r in defined)
-                total[key][0] += better
+                wins = sum(better(key, r) > 0 for r in defined)
+                total[key][0] += wins
                 total[key][1] += len(defined)
-                cells.append(f"{better} of {len(defined)}")
+                cells.append(f"{wins} of {len(defined)}")
             lines.append(f"| `{path.name.removesuffix('-records.jsonl.gz')}` | {name} | {len(pairs)} | "
                          + " | ".join(cells) + " |")
     lines.append("| pooled | | | " + " | ".join(f"{b} of {n}" for b, n in total.values()) + " |")
@@ -89,7 +84,4 @@ def pooled(paths: list[Path], out: Path) -> Path:
                       "and Equinox ran back to back; a cell counts the rounds where Equinox was the better on that "
                       "metric (recomputed from each run's kept records). The last row is the chance of a split at "
                       "least as uneven if the two were equal.", "", *lines])
-    target = out / "real-engine-pooled.md"
-    target.write_text(text + "\n")
-    print(text)
-    return target
+    return publish(text + "\n", out, "real-engine-pooled.md")

@@ -157,10 +157,22 @@ def ratios(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+GOAL_KEYS = ("steady_throughput", "ttft_p50", "ttft_p99", "light_ttft_p99", "jain")  # the beat-VTC goals' metrics
+HIGHER_IS_BETTER = ("steady_throughput", "jain")
+
+
+def better(key: str, ratio: float, tie: float = 0.0) -> int:
+    """1 where a ratio to VTC on `key` favours Equinox by more than `tie`, -1 where it favours VTC, 0 otherwise (or
+    where it is undefined)."""
+    if math.isnan(ratio) or abs(ratio - 1) <= tie:
+        return 0
+    return 1 if (ratio > 1) == (key in HIGHER_IS_BETTER) else -1
+
+
 def goal_ratios(eq: dict[str, float], vtc: dict[str, float]) -> dict[str, float | bool | None]:
     """A policy's ratios to VTC in the same run, under the keys the beat-VTC goals use."""
-    keys = ("ttft_p50", "ttft_p99", "light_ttft_p99", "steady_throughput", "jain")
-    out: dict[str, float | bool | None] = {key: eq[key] / vtc[key] if vtc[key] else float("nan") for key in keys}
+    out: dict[str, float | bool | None] = {key: eq[key] / vtc[key] if vtc[key] else float("nan")
+                                           for key in GOAL_KEYS}
     bound = eq.get("bound", float("nan"))  # the real path measures no bound
     out["gap_within_bound"] = None if math.isnan(bound) else bool(eq["pair_gap"] <= bound)
     out["wall_time"] = eq["wall_s"] / vtc["wall_s"] if vtc.get("wall_s") else float("nan")  # simulator seconds

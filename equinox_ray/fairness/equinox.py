@@ -200,11 +200,12 @@ class Equinox(VTC):
         best, best_rank, keys = top[0], None, {}
         limit = top[1][0] + slack
         for user, key in self._heap.smallest(self.efficiency.candidates, limit):
-            fitting = fitting_pools(self.queues.head(user).kv_demand, pools)
+            head = self.queues.head(user)
+            fitting = fitting_pools(head.kv_demand, pools)
             if not fitting:
                 continue
             keys[user] = key[0]
-            rank = self._rank(user, key[0], fitting, pools, pairing)
+            rank = self._rank(user, head, key[0], fitting, pools, pairing)
             if best_rank is None or rank < best_rank:
                 best, best_rank = user, rank
         if self.efficiency.max_passes and best in keys:
@@ -213,10 +214,9 @@ class Equinox(VTC):
                     self._passes[user] += 1
         return best
 
-    def _rank(self, user: str, key: float, fitting: Sequence[PoolView], pools: Sequence[PoolView],
+    def _rank(self, user: str, head: Request, key: float, fitting: Sequence[PoolView], pools: Sequence[PoolView],
               pairing: bool) -> tuple:
-        """The candidate's place in the decision; the smallest goes next."""
-        head = self.queues.head(user)
+        """The candidate's place in the decision (`head`: the request it would send); the smallest goes next."""
         if self.efficiency.max_passes and self._passes[user] >= self.efficiency.max_passes:
             return (0, 0.0, key, head.arrival)
         suited = self._suitability(head, fitting, pools) if pairing else 0.0
