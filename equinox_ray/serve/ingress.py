@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 from fastapi import FastAPI, Request
@@ -113,6 +114,7 @@ class EquinoxIngress:
         self.max_model_len = max(p.max_model_len for p in config.pools)  # the controller picks a pool it fits
         self.max_prompt_tokens = config.limits.max_prompt_tokens or self.max_model_len
         self.model = config.model.name
+        self.started = int(time.time())  # the model card's `created`
         self.gpu_types = {p.name: p.gpu_type for p in config.pools}
         self.seeded_sampling_crashes = any(p.seeded_sampling_crashes for p in config.pools)
         self.simulated_pools = any(p.engine == "sim" for p in config.pools)
@@ -140,7 +142,20 @@ class EquinoxIngress:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "equinox-ray"}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    @api.get("/v1/models/{model}")
+    async def model(self, model: str) -> dict:
+        self._check_model(model)
+        return self._model_card()
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model:
+            raise APIError(404, f"model {model!r} does not exist; this server has {self.model!r}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def _model_card(self) -> dict:
+        return {"id": self.model, "object": "model", "created": self.started, "owned_by": "equinox-ray"}
 
     @api.get("/metrics")
     async def prometheus(self, request: Request) -> Response:
@@ -304,9 +319,7 @@ class EquinoxIngress:
 
     def _admit(self, body, ids: list[int], max_tokens: int) -> None:
         """Refuse, before it queues, what this server cannot run."""
-        if body.model != self.model:
-            raise APIError(404, f"model {body.model!r} does not exist; this server has {self.model!r}",
-                           "invalid_request_error", "model", "model_not_found")
+        self._check_model(body.model)
         cap = self.config.limits.max_tokens_cap
         if cap is not None and max_tokens > cap:
             raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}",

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from equinox_ray.engines.types import Sampling
 
@@ -84,6 +84,18 @@ class _Body(BaseModel):
 
 class CompletionRequest(_Body):
     prompt: str | list[TokenId] = Field(min_length=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value):
+        """OpenAI's batch form, a list of prompts (strings or token lists): one is that prompt (lm-eval's
+        local-completions sends a batch of one); several are refused, as this server answers one choice."""
+        if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+            if len(value) > 1:
+                raise ValueError(f"a batch of {len(value)} prompts is not supported by this server; send one "
+                                 "prompt per request")
+            return value[0]
+        return value
     logprobs: int | None = Field(None, ge=0, le=20, description="the sampled token's log probability and this "
                                                                 "many alternatives'")
 
@@ -104,11 +116,21 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart]  # OpenAI's two forms: a string, or a list of parts (openai-chat clients send this)
+    # OpenAI's two forms: a string, or a list of parts (openai-chat clients send this); an assistant's turn may
+    # have none (OpenAI sends null with tool calls, and agents replay their history as it came)
+    content: str | list[TextPart] | None = None
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text for part in self.content)
 
     def template_message(self) -> dict:
         return {"role": self.role, "content": self.text}

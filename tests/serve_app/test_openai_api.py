@@ -67,7 +67,30 @@ def test_a_coalesced_stream_has_every_token_in_order_and_the_text_of_the_unary_a
 
 def test_models_and_health(app):
     assert [m.id for m in client(ALICE).models.list()] == [MODEL]
+    assert client(ALICE).models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client(ALICE).models.retrieve("gpt-9")
     assert httpx.get(f"{BASE}/health").json() == {"status": "ok"}
+
+
+def test_a_batch_of_one_prompt_is_that_prompt_and_a_larger_batch_is_refused_by_name(app):
+    """OpenAI's batch form: lm-eval's local-completions sends `prompt` as a list of prompts."""
+    c, body = client(BOB), dict(model=MODEL, max_tokens=3, extra_body={"ignore_eos": True})
+    single = c.completions.create(prompt="ka lo mi", **body)
+    assert c.completions.create(prompt=["ka lo mi"], **body).usage == single.usage
+    assert c.completions.create(prompt=[[5, 6, 7]], **body).usage.prompt_tokens == 3
+    r = httpx.post(f"{BASE}/v1/completions", json={"model": MODEL, "prompt": ["ka", "lo"], "max_tokens": 3},
+                   headers=auth(BOB))
+    assert r.status_code == 400 and error(r)["param"] == "prompt" and "batch of 2" in error(r)["message"]
+
+
+def test_an_assistant_turn_without_content_is_taken_and_a_user_turn_without_is_refused(app):
+    c = client(BOB)
+    history = [{"role": "user", "content": "ka"}, {"role": "assistant", "content": None},
+               {"role": "user", "content": "lo"}]
+    assert c.chat.completions.create(model=MODEL, messages=history, max_tokens=2).usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": None}], max_tokens=2)
 
 
 def test_every_supported_sampling_parameter_is_honoured_through_the_openai_sdk(app):
