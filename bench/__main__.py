@@ -5,6 +5,7 @@
     python -m bench real [--scenario vtc-overload lmsys] [--rounds 3] [--policies vtc equinox]   the real path
     python -m bench real --jain-windows RECORDS            Jain's index at 2, 5, 10 s windows from a run's records
     python -m bench real --pooled RECORDS ...              every round of past runs: how often Equinox beat VTC
+    python -m bench real --paired [--scenario lmsys] [--rounds 12]  VTC and Equinox at the same time, swapped
     python -m bench path [--smoke]                         the serving path's cost against the engine alone
     python -m bench soak [--minutes 10] [--load 2.0]       three users at twice the capacity (bench/soak.py)
     python -m bench faults                                 kill -9 under load: pool replica, engine, controller
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                       "longer windows from a past run's kept records (a file name in --out, or a path)")
     real.add_argument("--pooled", type=Path, nargs="+", metavar="RECORDS", help="run nothing: Equinox against VTC "
                       "in every round of past runs' kept records, per run and pooled, with a sign test")
+    real.add_argument("--paired", action="store_true", help="VTC and Equinox at the same time on two copies of "
+                      "the app, swapped every round (bench/real_paired.py)")
     path = sub.add_parser("path", help="the serving path's CPU, throughput and latency")
     path.add_argument("--smoke", action="store_true", help="short loads, under 2 minutes")
     path.add_argument("--out", type=Path, default=RESULTS)
@@ -236,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
         from bench.real_rounds import pooled
 
         pooled([_kept(p, args.out) for p in args.pooled], args.out)
+    elif args.paired:
+        from bench.real_paired import main as paired_main
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in args.scenario:
+            paired_main(name, args.out, args.rounds)
     else:
         from bench.real_engine import POLICIES as REAL_POLICIES, main as real_main
 
