@@ -142,13 +142,15 @@ def test_the_light_user_keeps_a_short_ttft_under_vtc_and_equinox_but_not_fcfs(ap
         await asyncio.sleep(0.8)
         light = await _light_ttft(BOB, 3)
         await heavy
-        return sum(light) / len(light)
+        # the first arrives behind the whole flood's queue under every policy; how much of the flood is left for
+        # the later ones depends on the machine's speed (on a fast one, none: FCFS's mean of three was 0.71 s)
+        return light[0]
 
     ttft = {}
     for policy in ("fcfs", "vtc", "equinox"):
         set_policy(policy)
         ttft[policy] = asyncio.run(phase())
-    print("light user mean TTFT by policy:", ttft)
+    print("light user's first TTFT by policy:", ttft)
     assert ttft["vtc"] * 3 < ttft["fcfs"], ttft
     assert ttft["equinox"] * 3 < ttft["fcfs"], ttft
 
