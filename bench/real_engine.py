@@ -191,12 +191,15 @@ def round_ratios(runs: dict[str, list[dict[str, float]]]) -> str:
     lines = ["| round | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain |",
              "|---:|---:|---:|---:|---:|---:|"]
     wins = {key: 0 for key in GOAL_KEYS}
-    for i, (eq, vtc) in enumerate(zip(runs["equinox"], runs["vtc"]), 1):
-        r = goal_ratios(eq, vtc)
+    ratios = [goal_ratios(eq, vtc) for eq, vtc in zip(runs["equinox"], runs["vtc"])]
+    for i, r in enumerate(ratios, 1):
         for key in GOAL_KEYS:
             wins[key] += better(key, r[key]) > 0
         lines.append(f"| {i} | {r['steady_throughput']:.2f}x | {r['ttft_p50']:.2f}x | {r['ttft_p99']:.2f}x | "
                      f"{r['light_ttft_p99']:.2f}x | {r['jain']:.3f}x |")
+    middle = {key: float(np.nanmedian([r[key] for r in ratios])) for key in GOAL_KEYS}
+    lines.append(f"| median | {middle['steady_throughput']:.2f}x | {middle['ttft_p50']:.2f}x | "
+                 f"{middle['ttft_p99']:.2f}x | {middle['light_ttft_p99']:.2f}x | {middle['jain']:.3f}x |")
     n = len(runs["equinox"])
     lines.append("| Equinox better in | " + " | ".join(f"{wins[key]} of {n}" for key in GOAL_KEYS) + " |")
     return "\n".join(lines)
