@@ -23,10 +23,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import numpy as np
 
 from bench.real_engine import (
-    MAX_OUTPUT, MAX_PROMPT, MIN_WAIT_S, WORKLOADS, admission_window, completion_records, compression,
+    CAPACITY_S, MAX_OUTPUT, MAX_PROMPT, MIN_WAIT_S, WORKLOADS, admission_window, completion_records, compression,
     jain_at_long_windows, jain_windows_table, medians, round_ratios, trace_mix,
 )
 from bench.real_rounds import sign_test_p
@@ -63,7 +64,6 @@ def assignments(rounds: int) -> list[dict[str, str]]:
 
 def paired_capacity(bases: list[str], workload: Workload, keys: dict[str, str], window: int) -> list[float]:
     """Each app's output tokens/s in a closed loop of the workload's requests, both loops at once."""
-    from bench.real_engine import CAPACITY_S
     from bench.soak import capacity
 
     async def both():
@@ -76,8 +76,6 @@ def paired_capacity(bases: list[str], workload: Workload, keys: dict[str, str], 
 def run_round(bases: dict[str, str], workload: Workload, keys: dict[str, str], scale: float,
               records: dict[str, Path], policies: dict[str, str]) -> dict[str, list[str]]:
     """Set each app's policy, replay the workload to both at once; each app's new record lines."""
-    import httpx
-
     from equinox_ray.workloads.http_replay import replay_over_http
 
     for app, policy in policies.items():
