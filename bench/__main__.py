@@ -242,7 +242,6 @@ def main(argv: list[str] | None = None) -> None:
     elif args.paired:
         from bench.real_paired import main as paired_main
 
-        args.out.mkdir(parents=True, exist_ok=True)
         for name in args.scenario:
             paired_main(name, args.out, args.rounds)
     else:

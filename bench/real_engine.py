@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 from bench import cpu
-from bench.report import GOAL_KEYS, better, goal_ratios, mean_jain, record_metrics, rows_table
+from bench.report import GOAL_KEYS, better, goal_ratios, mean_jain, record_metrics, rows_table, sign_test_p
 from bench.suite import POLICIES as SUITE_POLICIES  # each row's config, as the admin API takes it
 from equinox_ray.fairness.metrics import CompletionRecord, windowed_service
 from equinox_ray.workloads import synthetic, traces
@@ -117,15 +117,19 @@ def completion_records(lines: list[str]) -> tuple[list[CompletionRecord], float]
     return records, sum(busy) / len(busy) if busy else float("nan")
 
 
+def set_policy(base: str, policy: str) -> None:
+    """Switch the app at `base` to one of the suite's policy rows, through the admin API."""
+    httpx.put(f"{base}/v1/admin/policy", json=SUITE_POLICIES[policy], headers={"Authorization": f"Bearer {ADMIN}"},
+              timeout=30).raise_for_status()
+
+
 def run_one(base: str, workload: Workload, keys: dict[str, str], scale: float, records_path: Path,
             policy: str) -> tuple[list[str], int, dict[str, float]]:
     """The controller's record lines of one replay, how many requests were answered 200, and the CPU seconds each
     kind of process spent during it (bench/cpu.py)."""
     from equinox_ray.workloads.http_replay import replay_over_http
 
-    response = httpx.put(f"{base}/v1/admin/policy", json=SUITE_POLICIES[policy],
-                         headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
-    response.raise_for_status()
+    set_policy(base, policy)
     before = records_path.read_text().splitlines() if records_path.exists() else []
     cpu_before = cpu.snapshot()
     results = asyncio.run(replay_over_http(base, workload, keys, "tiny-llama", time_scale=scale,
@@ -148,13 +152,16 @@ def engine_and_cpu(records: list[CompletionRecord], used: dict[str, float]) -> d
 
 def per_round_table(kept: list[dict]) -> str:
     """Each policy in each round, from the kept records: how the machine's pace (the mean time from first token to
-    finish) moves every policy's queue."""
-    lines = ["| round | policy | TTFT p50 s | TTFT p99 s | first token to finish, mean s |", "|---:|---|---:|---:|---:|"]
+    finish) moves every policy's queue. Records of `bench real --paired` say which app served them: a column."""
+    apps = bool(kept) and "app" in kept[0]
+    lines = ["| round | " + ("app | " if apps else "") + "policy | TTFT p50 s | TTFT p99 s | first token to finish, "
+             "mean s |", "|---:|" + ("---|" if apps else "") + "---|---:|---:|---:|"]
     for (scenario, i, policy), group in itertools.groupby(kept, key=lambda r: (r["scenario"], r["round"], r["policy"])):
         group = list(group)
         ttft = [r["first_token"] - r["arrival"] for r in group]
         decode = np.mean([r["finish"] - r["first_token"] for r in group])
-        lines.append(f"| {i} | {policy} | {np.percentile(ttft, 50):.2f} | {np.percentile(ttft, 99):.2f} | "
+        app = f"/{group[0]['app']} | " if apps else ""
+        lines.append(f"| {i} | {app}{policy} | {np.percentile(ttft, 50):.2f} | {np.percentile(ttft, 99):.2f} | "
                      f"{decode:.2f} |")
     return "\n".join(lines)
 
@@ -186,8 +193,9 @@ def medians(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def round_ratios(runs: dict[str, list[dict[str, float]]]) -> str:
-    """Equinox over VTC in each round, on the goals' metrics, and in how many rounds Equinox was the better of the
-    two: the two ran back to back, so a round's ratio is the pairing least moved by the machine's pace."""
+    """Equinox over VTC in each round, on the goals' metrics, their medians, in how many rounds Equinox was the
+    better of the two and the sign test's p for that split: the two ran back to back (`bench real`) or at once
+    (`--paired`), so a round's ratio is the pairing least moved by the machine's pace."""
     lines = ["| round | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain |",
              "|---:|---:|---:|---:|---:|---:|"]
     wins = {key: 0 for key in GOAL_KEYS}
@@ -202,6 +210,9 @@ def round_ratios(runs: dict[str, list[dict[str, float]]]) -> str:
                  f"{middle['ttft_p99']:.2f}x | {middle['light_ttft_p99']:.2f}x | {middle['jain']:.3f}x |")
     n = len(runs["equinox"])
     lines.append("| Equinox better in | " + " | ".join(f"{wins[key]} of {n}" for key in GOAL_KEYS) + " |")
+    defined = {key: sum(not np.isnan(r[key]) for r in ratios) for key in GOAL_KEYS}
+    lines.append("| sign test, two-sided p | " + " | ".join(f"{sign_test_p(wins[key], defined[key]):.3f}"
+                                                         for key in GOAL_KEYS) + " |")
     return "\n".join(lines)
 
 

@@ -23,20 +23,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import numpy as np
 
 from bench.real_engine import (
     CAPACITY_S, MAX_OUTPUT, MAX_PROMPT, MIN_WAIT_S, WORKLOADS, admission_window, completion_records, compression,
-    jain_at_long_windows, jain_windows_table, medians, round_ratios, trace_mix,
+    jain_at_long_windows, jain_windows_table, medians, per_round_table, round_ratios, set_policy, trace_mix,
 )
-from bench.real_rounds import sign_test_p
-from bench.report import GOAL_KEYS, better, goal_ratios, publish, record_metrics, rows_table
-from bench.suite import POLICIES as SUITE_POLICIES
+from bench.report import publish, record_metrics, rows_table
 from equinox_ray.workloads.workload import Workload
 
 APPS = ("a", "b")
-ADMIN = "sk-admin-demo-key"
 
 
 @contextmanager
@@ -49,9 +45,9 @@ def twin_apps(users, records: dict[str, Path], key_prefix: str) -> Iterator[dict
     from equinox_ray.serve.local import app_config, local_ray, user_keys
 
     keys = user_keys(users, key_prefix)
+    pools = [{**p.model_dump(), "num_cpus": 1} for p in app_config(users, keys, None).pools]
     with local_ray():
         for name in APPS:
-            pools = [{**p.model_dump(), "num_cpus": 1} for p in app_config(users, keys, None).pools]
             serve.run(build(app_config(users, keys, records[name], {"pools": pools})), name=name,
                       route_prefix=f"/{name}")
         yield keys
@@ -79,8 +75,7 @@ def run_round(bases: dict[str, str], workload: Workload, keys: dict[str, str], s
     from equinox_ray.workloads.http_replay import replay_over_http
 
     for app, policy in policies.items():
-        httpx.put(f"{bases[app]}/v1/admin/policy", json=SUITE_POLICIES[policy],
-                  headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).raise_for_status()
+        set_policy(bases[app], policy)
     before = {app: path.read_text().splitlines() if path.exists() else [] for app, path in records.items()}
 
     async def both():
@@ -91,31 +86,6 @@ def run_round(bases: dict[str, str], workload: Workload, keys: dict[str, str], s
     asyncio.run(both())
     time.sleep(1.0)  # the last finish reports reach the controllers
     return {app: records[app].read_text().splitlines()[len(before[app]):] for app in APPS}
-
-
-def rounds_table(kept: list[dict]) -> str:
-    """Each app in each round: the policy it ran and its TTFT p50 and p99, and its engine's pace."""
-    lines = ["| round | app | policy | TTFT p50 s | TTFT p99 s | first token to finish, mean s |",
-             "|---:|---|---|---:|---:|---:|"]
-    for i in sorted({r["round"] for r in kept}):
-        for app in APPS:
-            group = [r for r in kept if r["round"] == i and r["app"] == app]
-            ttft = [r["first_token"] - r["arrival"] for r in group]
-            decode = np.mean([r["finish"] - r["first_token"] for r in group])
-            lines.append(f"| {i} | /{app} | {group[0]['policy']} | {np.percentile(ttft, 50):.2f} | "
-                         f"{np.percentile(ttft, 99):.2f} | {decode:.2f} |")
-    return "\n".join(lines)
-
-
-def sign_tests(runs: dict[str, list[dict[str, float]]]) -> str:
-    lines = ["| | " + " | ".join(k.replace("_", " ") for k in GOAL_KEYS) + " |", "|---|" + "---:|" * len(GOAL_KEYS)]
-    pairs = [goal_ratios(eq, vtc) for eq, vtc in zip(runs["equinox"], runs["vtc"])]
-    counts = {key: (sum(better(key, r[key]) > 0 for r in pairs), sum(not np.isnan(r[key]) for r in pairs))
-              for key in GOAL_KEYS}
-    lines.append("| Equinox better in | " + " | ".join(f"{b} of {n}" for b, n in counts.values()) + " |")
-    lines.append("| sign test, two-sided p | " + " | ".join(f"{sign_test_p(b, n):.3f}" for b, n in counts.values())
-                 + " |")
-    return "\n".join(lines)
 
 
 def main(name: str, out: Path, rounds: int) -> Path:
@@ -151,10 +121,10 @@ def main(name: str, out: Path, rounds: int) -> Path:
         f"shows medians over the rounds. Each engine computes on one core here (two in `bench real`).", "",
         rows_table({policy: medians(r) for policy, r in runs.items()}), "",
         "Equinox over VTC in each round (the two ran at the same time):", "", round_ratios(runs), "",
-        sign_tests(runs), "",
         "Jain's index at longer windows, Equinox over VTC in each round:", "", jain_windows_table(runs, window_s), "",
-        "Each app in each round:", "", rounds_table(kept), ""])
+        "Each app in each round:", "", per_round_table(kept), ""])
     stem = f"real-paired-{name}"
+    out.mkdir(parents=True, exist_ok=True)
     with gzip.open(out / f"{stem}-records.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     return publish(text, out, f"{stem}.md")

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from bench.real_engine import MIN_WAIT_S, WORKLOADS, jain_at_long_windows, jain_windows_table
-from bench.report import GOAL_KEYS, better, goal_ratios, mean_jain, publish, record_metrics
+from bench.report import GOAL_KEYS, better, goal_ratios, mean_jain, publish, record_metrics, sign_test_p
 from equinox_ray.fairness.metrics import CompletionRecord, windowed_service
 
 
@@ -47,12 +47,6 @@ def jain_windows_from_records(path: Path, out: Path) -> Path:
                       f"round's Jain's index (a user counts as backlogged in a window if a request waited over "
                       f"{MIN_WAIT_S:g} s), Equinox over VTC.", "", *sections])
     return publish(text, out, f"{stem}-jain-windows.md")
-
-
-def sign_test_p(wins: int, n: int) -> float:
-    """Two-sided: how often a fair coin gives a split at least this uneven in n tosses."""
-    tail = min(wins, n - wins)
-    return min(1.0, 2 * sum(math.comb(n, k) for k in range(tail + 1)) / 2 ** n)
 
 
 def pooled(paths: list[Path], out: Path) -> Path:

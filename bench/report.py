@@ -169,6 +169,12 @@ def better(key: str, ratio: float, tie: float = 0.0) -> int:
     return 1 if (ratio > 1) == (key in HIGHER_IS_BETTER) else -1
 
 
+def sign_test_p(wins: int, n: int) -> float:
+    """Two-sided: how often a fair coin gives a split at least this uneven in n tosses."""
+    tail = min(wins, n - wins)
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(tail + 1)) / 2 ** n)
+
+
 def goal_ratios(eq: dict[str, float], vtc: dict[str, float]) -> dict[str, float | bool | None]:
     """A policy's ratios to VTC in the same run, under the keys the beat-VTC goals use."""
     out: dict[str, float | bool | None] = {key: eq[key] / vtc[key] if vtc[key] else float("nan")

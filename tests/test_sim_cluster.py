@@ -226,7 +226,7 @@ def test_the_policy_grants_what_fits_the_kv_cache_only_when_the_replicas_report_
 
 
 def test_the_sign_test_of_pooled_real_rounds():
-    from bench.real_rounds import sign_test_p
+    from bench.report import sign_test_p
     assert sign_test_p(6, 12) == 1.0
     assert sign_test_p(10, 12) == sign_test_p(2, 12) == pytest.approx(2 * (1 + 12 + 66) / 4096)
     assert sign_test_p(0, 0) == 1.0
