@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     real.add_argument("--jain-windows", type=Path, metavar="RECORDS", help="run nothing: recompute Jain's index at "
                       "longer windows from a past run's kept records (a file name in --out, or a path)")
     real.add_argument("--pooled", type=Path, nargs="+", metavar="RECORDS", help="run nothing: Equinox against VTC "
-                      "in every round of past runs' kept records, per run and pooled, with a sign test")
+                      "in every round of past runs' kept records, per run and pooled, with a sign test (one run: "
+                      "<stem>-rounds.md)")
     real.add_argument("--paired", action="store_true", help="VTC and Equinox at the same time on two copies of "
                       "the app, swapped every round (bench/real_paired.py)")
     path = sub.add_parser("path", help="the serving path's CPU, throughput and latency")

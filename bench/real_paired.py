@@ -4,9 +4,9 @@ under VTC and the other under Equinox, swapped every round.
 
 `python -m bench real` runs the policies one after the other, and on this shared 2-core machine the engine's pace
 moves between two runs of 25 s by more than the policies differ (in its fourth run the faster engine of a round had
-the better TTFT p50 in 9 of 11 rounds). Here both policies meet the same pace, so each round is a paired
-comparison; the swap cancels a difference between the two apps' places (which engine the OS favours), and the
-table shows both, so that such a difference is seen.
+the better TTFT p50 in 10 of 12 rounds, `bench real --pooled`). Here both policies meet nearly the same pace, so
+each round is a paired comparison; the swap cancels a difference between the two apps' places (which engine the OS
+favours), and the table shows both, so that such a difference is seen.
 
     python -m bench real --paired [--scenario lmsys] [--rounds 12]
 """

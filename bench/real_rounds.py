@@ -49,18 +49,25 @@ def jain_windows_from_records(path: Path, out: Path) -> Path:
     return publish(text, out, f"{stem}-jain-windows.md")
 
 
+def pace(records: list[CompletionRecord]) -> float:
+    """The engine's pace in a run: the mean time from first token to finish."""
+    return sum(r.finish - r.first_token for r in records) / len(records)
+
+
 def pooled(paths: list[Path], out: Path) -> Path:
-    """Equinox over VTC in every round of the given runs (each round ran the two back to back), per run and pooled:
-    in how many rounds Equinox was the better on each goal metric, and the sign test's p for that split."""
-    header = ("| run | scenario | rounds | " + " | ".join(k.replace("_", " ") for k in GOAL_KEYS) + " |")
-    lines = [header, "|---|---|---:|" + "---:|" * len(GOAL_KEYS)]
+    """Equinox over VTC in every round of the given runs, per run and pooled: in how many rounds Equinox was the
+    better on each goal metric, the sign test's p for that split, and how the engines' pace went: in how many
+    rounds Equinox's engine was the faster, and in how many the faster engine's policy had the lower TTFT p50."""
+    header = ("| run | scenario | rounds | " + " | ".join(k.replace("_", " ") for k in GOAL_KEYS)
+              + " | Equinox's engine the faster | the faster engine's policy had the lower TTFT p50 |")
+    lines = [header, "|---|---|---:|" + "---:|" * (len(GOAL_KEYS) + 2)]
     total = {key: [0, 0] for key in GOAL_KEYS}  # Equinox better, rounds with the metric defined
     for path in paths:
         for name, by_policy in kept_rounds(path).items():
             workload, _, window_s = WORKLOADS[name][0](), *WORKLOADS[name][1:]
+            rounds = list(zip(by_policy["equinox"], by_policy["vtc"]))
             pairs = [goal_ratios(*(record_metrics(records, workload, window_s, min_wait_s=MIN_WAIT_S)
-                                   for records in pair))
-                     for pair in zip(by_policy["equinox"], by_policy["vtc"])]
+                                   for records in pair)) for pair in rounds]
             cells = []
             for key in GOAL_KEYS:
                 defined = [r[key] for r in pairs if not math.isnan(r[key])]
@@ -68,14 +75,20 @@ def pooled(paths: list[Path], out: Path) -> Path:
                 total[key][0] += wins
                 total[key][1] += len(defined)
                 cells.append(f"{wins} of {len(defined)}")
+            paces = [(pace(eq), pace(vtc)) for eq, vtc in rounds]
+            uneven = [(p, r["ttft_p50"]) for p, r in zip(paces, pairs) if p[0] != p[1] and r["ttft_p50"] != 1]
+            faster_won = sum((p[0] < p[1]) == (ratio < 1) for p, ratio in uneven)
+            cells += [f"{sum(eq < vtc for eq, vtc in paces)} of {len(paces)}", f"{faster_won} of {len(uneven)}"]
             lines.append(f"| `{path.name.removesuffix('-records.jsonl.gz')}` | {name} | {len(pairs)} | "
                          + " | ".join(cells) + " |")
-    lines.append("| pooled | | | " + " | ".join(f"{b} of {n}" for b, n in total.values()) + " |")
+    lines.append("| pooled | | | " + " | ".join(f"{b} of {n}" for b, n in total.values()) + " | | |")
     lines.append("| sign test, two-sided p | | | " + " | ".join(f"{sign_test_p(b, n):.3f}" for b, n in total.values())
-                 + " |")
+                 + " | | |")
     text = "\n".join(["# Equinox against VTC on the real path, every round pooled", "",
                       "`python -m bench real --pooled " + " ".join(p.name for p in paths) + "`: in each round VTC "
-                      "and Equinox ran back to back; a cell counts the rounds where Equinox was the better on that "
-                      "metric (recomputed from each run's kept records). The last row is the chance of a split at "
-                      "least as uneven if the two were equal.", "", *lines])
-    return publish(text + "\n", out, "real-engine-pooled.md")
+                      "and Equinox ran back to back (`bench real`) or at once (`bench real --paired`); a cell counts "
+                      "the rounds where Equinox was the better on that metric (recomputed from each run's kept "
+                      "records). The sign test's row is the chance of a split at least as uneven if the two were "
+                      "equal. An engine's pace is its mean time from first token to finish in the round.", "", *lines])
+    name = "real-engine-pooled.md" if len(paths) > 1 else paths[0].name.replace("-records.jsonl.gz", "-rounds.md")
+    return publish(text + "\n", out, name)
