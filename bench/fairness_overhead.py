@@ -9,7 +9,8 @@ Saturation: `clients` closed-loop streaming clients, prompts of 64 random token 
 (`ignore_eos`), as `vllm bench serve --dataset-name random --random-input-len 64 --random-output-len 32` sends.
 Light load: one client, 4-token requests, alternating. CPU is counted in every process of each path (for vLLM,
 its API server and its engine core; for ours, HAProxy, the ingress, the controller and the pool replica with its
-engine core). Writes bench/results/fairness_overhead.md and .json; `python -m bench path` quotes the ratio.
+engine core), and the engine's processes (vLLM's engine core and worker, the same on every path) apart from the
+rest, which is what the serving path itself costs. Writes bench/results/fairness_overhead.md and .json; `python -m bench path` quotes the ratio.
 """
 
 from __future__ import annotations
@@ -89,18 +90,37 @@ def cpu_of(processes: list[psutil.Process]) -> float:
     return total
 
 
+def engine_processes() -> list[psutil.Process]:
+    """vLLM's engine core and its worker, whichever server started them (they name themselves `VLLM::...`); one
+    path runs at a time, so these are the measured path's."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.cmdline()[:1] and process.cmdline()[0].startswith("VLLM::"):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
 def measure(path: str, load: Load, clients: int, seconds: float, vllm: list[psutil.Process]) -> dict:
-    """One saturating load on one path, with the CPU of every process the path has."""
+    """One saturating load on one path, with the CPU of every process the path has, and how much of it the engine
+    took (the same engine on every path: the rest is the serving path's own)."""
     asyncio.run(run(load, clients, seconds=3.0))  # warm
     app = {"equinox": "equinox", "forwarding": "fwd"}.get(path)
-    before, vllm_before = cpu.snapshot(app), cpu_of(vllm)
+    engine = engine_processes()
+    before, vllm_before, engine_before = cpu.snapshot(app), cpu_of(vllm), cpu_of(engine)
     summary = asyncio.run(run(load, clients, seconds=seconds))
     spent = cpu.spent(before, cpu.snapshot(app))
+    engine_s = cpu_of(engine) - engine_before
     server_s = cpu_of(vllm) - vllm_before if path == "vllm" else sum(spent[k] for k in cpu.SERVER_KINDS)
     row = summary.row()
-    per_token = {kind: 1e6 * spent[kind] / max(row["tokens"], 1) for kind in cpu.KINDS}
+    tokens = max(row["tokens"], 1)
+    per_token = {kind: 1e6 * spent[kind] / tokens for kind in cpu.KINDS}
     return {**row, "server_cpu_s": server_s, "client_cpu_s": spent["client"], "ray_cpu_s": spent["ray"],
-            "server_us_per_token": 1e6 * server_s / max(row["tokens"], 1), "us_per_token_by_kind": per_token}
+            "server_us_per_token": 1e6 * server_s / tokens, "us_per_token_by_kind": per_token,
+            "engine_us_per_token": 1e6 * engine_s / tokens, "outside_engine_us_per_token": 1e6 * (server_s - engine_s)
+            / tokens}
 
 
 def main() -> None:
@@ -213,6 +233,19 @@ def write(rows: dict[str, list[dict]], light: dict[str, dict], args) -> None:
                      f"{last['ttft_p50_ms']:.0f} | {last['ttft_p99_ms']:.0f} | "
                      f"{np.mean([r['server_us_per_token'] for r in rs]):.0f} | {light[path]['p50_ms']:.1f} | "
                      f"{light[path]['p99_ms']:.1f} |")
+    lines += ["", "Where the server's CPU per output token goes (µs, mean over rounds): the engine is vLLM's engine core "
+              "and worker processes (the same engine on every path); the rest is the serving path's own. On a GPU the "
+              "engine's step runs on the GPU, but on these shared cores every µs outside the engine is taken from it.",
+              "", "| path | engine | outside the engine | proxy | ingress | controller | pool replica | Ray (GCS, raylet, Serve controller; not in the server CPU) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for path, rs in rows.items():
+        engine = float(np.mean([r["engine_us_per_token"] for r in rs]))
+        outside = float(np.mean([r["outside_engine_us_per_token"] for r in rs]))
+        kinds = {k: float(np.mean([r["us_per_token_by_kind"][k] for r in rs])) for k in cpu.KINDS}
+        kinds["pool"] -= engine  # the pool replica's own process
+        cells = ["-"] * 5 if path == "vllm" else [f"{kinds[k]:.0f}" for k in ("proxy", "ingress", "controller",
+                                                                              "pool", "ray")]
+        lines.append(f"| {path} | {engine:.0f} | {outside:.0f} | " + " | ".join(cells) + " |")
     lines += ["", f"Full path / vLLM's own server: **{result['vllm_ratio']:.2f}x** output tokens/s (rounds: "
               f"{', '.join(f'{p:.2f}' for p in pairs)}; target >= 0.95x). Bare forwarding ingress / vLLM: "
               f"{result['forwarding_ratio']:.2f}x. Added median latency at light load: "
