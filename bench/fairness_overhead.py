@@ -233,10 +233,12 @@ def write(rows: dict[str, list[dict]], light: dict[str, dict], args) -> None:
                      f"{last['ttft_p50_ms']:.0f} | {last['ttft_p99_ms']:.0f} | "
                      f"{np.mean([r['server_us_per_token'] for r in rs]):.0f} | {light[path]['p50_ms']:.1f} | "
                      f"{light[path]['p99_ms']:.1f} |")
-    lines += ["", "Where the server's CPU per output token goes (µs, mean over rounds): the engine is vLLM's engine core "
-              "and worker processes (the same engine on every path); the rest is the serving path's own. On a GPU the "
-              "engine's step runs on the GPU, but on these shared cores every µs outside the engine is taken from it.",
-              "", "| path | engine | outside the engine | proxy | ingress | controller | pool replica | Ray (GCS, raylet, Serve controller; not in the server CPU) |",
+    lines += ["", "Where the server's CPU per output token goes (µs, mean over rounds): the engine is vLLM's engine "
+              "core and worker processes (the same engine on every path); the rest is the serving path's own. On a GPU "
+              "the engine's step runs on the GPU, but on these shared cores every µs outside the engine is taken from "
+              "it.",
+              "", "| path | engine | outside the engine | proxy | ingress | controller | pool replica | Ray's own "
+              "(GCS, raylet, Serve controller; not in the server CPU) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for path, rs in rows.items():
         engine = float(np.mean([r["engine_us_per_token"] for r in rs]))
