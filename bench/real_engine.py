@@ -140,12 +140,18 @@ def run_one(base: str, workload: Workload, keys: dict[str, str], scale: float, r
     return after[len(before):], sum(r.status == 200 for r in results), used
 
 
+def pace(records: list[CompletionRecord]) -> float:
+    """The engine's pace in a run: the mean time from first token to finish (CPU taken by other processes on a
+    shared machine slows it)."""
+    return float(np.mean([r.finish - r.first_token for r in records])) if records else float("nan")
+
+
 def engine_and_cpu(records: list[CompletionRecord], used: dict[str, float]) -> dict[str, float]:
     """Where a run's time and CPU went: the mean time from first token to finish (the engine's pace, which CPU
     taken by other processes on a shared machine slows), and CPU milliseconds per request of the controller, the
     pool (with its engine) and everything else a request crosses."""
     n = max(len(records), 1)
-    return {"decode_mean_s": float(np.mean([r.finish - r.first_token for r in records])) if records else float("nan"),
+    return {"decode_mean_s": pace(records),
             "controller_ms": 1e3 * used["controller"] / n, "pool_ms": 1e3 * used["pool"] / n,
             "other_ms": 1e3 * sum(v for k, v in used.items() if k not in ("controller", "pool")) / n}
 

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from bench.real_engine import MIN_WAIT_S, WORKLOADS, jain_at_long_windows, jain_windows_table
+from bench.real_engine import MIN_WAIT_S, WORKLOADS, jain_at_long_windows, jain_windows_table, pace
 from bench.report import GOAL_KEYS, better, goal_ratios, mean_jain, publish, record_metrics, sign_test_p
 from equinox_ray.fairness.metrics import CompletionRecord, windowed_service
 
@@ -47,11 +47,6 @@ def jain_windows_from_records(path: Path, out: Path) -> Path:
                       f"round's Jain's index (a user counts as backlogged in a window if a request waited over "
                       f"{MIN_WAIT_S:g} s), Equinox over VTC.", "", *sections])
     return publish(text, out, f"{stem}-jain-windows.md")
-
-
-def pace(records: list[CompletionRecord]) -> float:
-    """The engine's pace in a run: the mean time from first token to finish."""
-    return sum(r.finish - r.first_token for r in records) / len(records)
 
 
 def pooled(paths: list[Path], out: Path) -> Path:
