@@ -10,7 +10,8 @@ Saturation: `clients` closed-loop streaming clients, prompts of 64 random token 
 Light load: one client, 4-token requests, alternating. CPU is counted in every process of each path (for vLLM,
 its API server and its engine core; for ours, HAProxy, the ingress, the controller and the pool replica with its
 engine core), and the engine's processes (vLLM's engine core and worker, the same on every path) apart from the
-rest, which is what the serving path itself costs. Writes bench/results/fairness_overhead.md and .json; `python -m bench path` quotes the ratio.
+rest, which is what the serving path itself costs. Writes bench/results/fairness_overhead.md and .json;
+`python -m bench path` quotes the ratio.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def engine_processes() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter():
         try:
-            if process.cmdline()[:1] and process.cmdline()[0].startswith("VLLM::"):
+            if " ".join(process.cmdline()).startswith("VLLM::"):
                 found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
