@@ -104,6 +104,9 @@ def test_every_supported_sampling_parameter_is_honoured_through_the_openai_sdk(a
     stopped = c.completions.create(model=MODEL, prompt="ka lo mi ne", max_tokens=12, stop=[word],
                                    extra_body={"ignore_eos": True})
     assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == text[:text.index(word)]
+    unstopped = c.completions.create(model=MODEL, prompt="ka lo mi ne", max_tokens=12, stop=[],
+                                     extra_body={"ignore_eos": True})  # OpenLLM's default: no stop sequence
+    assert unstopped.choices[0].finish_reason == "length" and unstopped.choices[0].text == text
     chat = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka lo mi ne"}],
                                           max_tokens=12, stop=word, stream=True, extra_body={"ignore_eos": True}))
     assert chat[-1].choices[0].finish_reason in ("stop", "length")
