@@ -15,13 +15,13 @@
     python -m bench kv-view [--scenario NAME ...]          VTC and Equinox with and without the replicas' free KV
     python -m bench ceiling [--scenario NAME ...]          steady throughput placement can buy on mixed GPU types
     python -m bench generalize [--draws 24]                Equinox against VTC on random workloads and clusters
+    python -m bench loads [--factors 0.7 0.85 1 1.15 1.3]  Equinox against VTC at other loads of the scenarios
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -81,45 +81,10 @@ def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
     return path
 
 
-GOALS = {  # the beat-VTC issue's targets on Equinox's ratios to VTC; (key, scenarios or None for all, test, text)
-    "ttft_p50": [(("sharegpt-zipf", "azure-mixed"), lambda x: x <= 0.5, "<= 0.5x"),
-                 (("lmsys",), lambda x: x <= 0.9, "<= 0.9x")],
-    "ttft_p99": [(None, lambda x: x <= 1.05, "<= 1.05x")],
-    "light_ttft_p99": [(None, lambda x: x <= 1.0, "<= 1.0x")],
-    "steady_throughput": [(("azure-mixed", "scale"), lambda x: x >= 1.05, ">= 1.05x"),
-                          (None, lambda x: x >= 0.99, ">= 0.99x")],
-    "jain": [(None, lambda x: x >= 0.98, ">= 0.98x")],
-    "gap_within_bound": [(None, lambda x: bool(x), "true")],
-    "wall_time": [(("scale",), lambda x: x <= 1.2, "<= 1.2x")],
-}
-
-
-def missed_goals(scenario: str, ratios: dict, equinox: dict | None = None) -> list[str]:
-    """The goals `ratios` misses, in words; `equinox`'s own metrics add why the light users' p99 missed (how many
-    other requests started while its slowest light request waited)."""
-    missed, equinox = [], equinox or {}
-    for key, rules in GOALS.items():
-        for where, ok, text in rules:
-            if where is None or scenario in where:
-                value = ratios[key]
-                if isinstance(value, float) and math.isnan(value):
-                    missed.append(f"{key} n/a")  # e.g. Jain where no user waited long enough to count
-                elif not ok(value):
-                    why = ""
-                    passed = equinox.get("light_slowest_passed")
-                    if key == "light_ttft_p99" and passed is not None and not math.isnan(passed):
-                        count = equinox.get("light_requests")
-                        why = (f"; p99 of {count:,.0f} light requests" if count else "") + \
-                            f"; Equinox's slowest light request was passed by {passed:.0f} grants"
-                    missed.append(f"{key} {value if isinstance(value, bool) else f'{value:.3f}'} (goal {text}{why})")
-                break
-    return missed
-
-
 def write_summary(out: Path, smoke: bool = False) -> Path:
     """One row per scenario (and VTC suite): Equinox's ratios to VTC in the same run, the goals it misses, and
     summary.json with the same ratios, from the scenarios' JSON."""
-    from bench.report import goal_ratios, yes_no
+    from bench.report import goal_ratios, missed_goals, yes_no
     from bench.scenarios import SCENARIOS
 
     lines = ["| scenario | workload | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain | "
@@ -180,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench.generalize import main as generalize_main
 
         sys.exit(generalize_main(argv[1:]))
+    if argv[:1] == ["loads"]:
+        from bench.loads import main as loads_main
+
+        sys.exit(loads_main(argv[1:]))
     if argv[:1] == ["peers"]:
         from bench.peers import main as peers_main
 
@@ -216,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("kv-view", help="the policy with and without the replicas' free KV: python -m bench kv-view --help")
     sub.add_parser("ceiling", help="steady throughput placement can buy: python -m bench ceiling --help")
     sub.add_parser("generalize", help="Equinox against VTC on random workloads: python -m bench generalize --help")
+    sub.add_parser("loads", help="Equinox against VTC at other loads: python -m bench loads --help")
     args = parser.parse_args(argv)
     if args.command == "suite":
         args.out.mkdir(parents=True, exist_ok=True)

@@ -220,3 +220,38 @@ def publish(text: str, out: Path, name: str) -> Path:
     (out / name).write_text(text)
     print(text)
     return out / name
+
+
+GOALS = {  # the beat-VTC issue's targets on Equinox's ratios to VTC; (key, scenarios or None for all, test, text)
+    "ttft_p50": [(("sharegpt-zipf", "azure-mixed"), lambda x: x <= 0.5, "<= 0.5x"),
+                 (("lmsys",), lambda x: x <= 0.9, "<= 0.9x")],
+    "ttft_p99": [(None, lambda x: x <= 1.05, "<= 1.05x")],
+    "light_ttft_p99": [(None, lambda x: x <= 1.0, "<= 1.0x")],
+    "steady_throughput": [(("azure-mixed", "scale"), lambda x: x >= 1.05, ">= 1.05x"),
+                          (None, lambda x: x >= 0.99, ">= 0.99x")],
+    "jain": [(None, lambda x: x >= 0.98, ">= 0.98x")],
+    "gap_within_bound": [(None, lambda x: bool(x), "true")],
+    "wall_time": [(("scale",), lambda x: x <= 1.2, "<= 1.2x")],
+}
+
+
+def missed_goals(scenario: str, ratios: dict, equinox: dict | None = None) -> list[str]:
+    """The goals `ratios` misses, in words; `equinox`'s own metrics add why the light users' p99 missed (how many
+    other requests started while its slowest light request waited)."""
+    missed, equinox = [], equinox or {}
+    for key, rules in GOALS.items():
+        for where, ok, text in rules:
+            if where is None or scenario in where:
+                value = ratios[key]
+                if isinstance(value, float) and math.isnan(value):
+                    missed.append(f"{key} n/a")  # e.g. Jain where no user waited long enough to count
+                elif not ok(value):
+                    why = ""
+                    passed = equinox.get("light_slowest_passed")
+                    if key == "light_ttft_p99" and passed is not None and not math.isnan(passed):
+                        count = equinox.get("light_requests")
+                        why = (f"; p99 of {count:,.0f} light requests" if count else "") + \
+                            f"; Equinox's slowest light request was passed by {passed:.0f} grants"
+                    missed.append(f"{key} {value if isinstance(value, bool) else f'{value:.3f}'} (goal {text}{why})")
+                break
+    return missed

@@ -199,7 +199,7 @@ def test_the_real_paths_jain_windows_are_recomputed_from_kept_records(tmp_path):
 
 def test_a_missed_light_user_goal_says_how_few_requests_its_p99_is_over():
     """The light users' p99 is often over a few dozen requests, so its slowest one or two; the summary says so."""
-    from bench.__main__ import missed_goals
+    from bench.report import missed_goals
 
     ratios = {"ttft_p50": 0.8, "ttft_p99": 1.0, "light_ttft_p99": 2.1, "steady_throughput": 1.0, "jain": 1.0,
               "gap_within_bound": True, "wall_time": 1.0}
