@@ -5,6 +5,7 @@ deep the queues get, so this shows where its ratios hold and where they do not. 
 beat-VTC issue it misses; VTC's own TTFT p50 and p99 say how loaded the row is.
 
     python -m bench loads [--scenario lmsys sharegpt-zipf azure-mixed] [--factors 0.7 0.85 1 1.15 1.3]
+                          [--set efficiency.max_overtakes 0]
 """
 
 from __future__ import annotations
@@ -17,33 +18,38 @@ from pathlib import Path
 from bench.report import goal_ratios, metrics, missed_goals, publish, yes_no
 from bench.scenarios import SCENARIOS
 from bench.suite import run_scenario
+from bench.sweep import config_with
+from equinox_ray.serve.config import PolicyConfig
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SCENARIOS = ("lmsys", "sharegpt-zipf", "azure-mixed")
 DEFAULT_FACTORS = (0.7, 0.85, 1.0, 1.15, 1.3)
 
 
-def at_load(name: str, factor: float) -> tuple[dict, dict, dict]:
-    """VTC's and Equinox's metrics on the scenario's workload with arrivals `factor` times as dense, and the ratios."""
+def at_load(name: str, factor: float, equinox: PolicyConfig | None = None) -> tuple[dict, dict, dict]:
+    """VTC's and Equinox's metrics on the scenario's workload with arrivals `factor` times as dense, and the ratios;
+    `equinox`: the config Equinox runs with (its defaults where None)."""
     scenario = SCENARIOS[name]
     workload = scenario.workloads(False)[0]
     if factor != 1.0:
         workload = workload.compressed(factor)
     scaled = dataclasses.replace(scenario, workloads=lambda smoke: [workload])
-    runs = {run.label: metrics(run) for run in run_scenario(scaled, policies=("vtc", "equinox"), progress=False)}
+    changed = {"policies": ("vtc",), "configs": {"equinox": equinox}} if equinox else {"policies": ("vtc", "equinox")}
+    runs = {run.label: metrics(run) for run in run_scenario(scaled, progress=False, **changed)}
     return runs["vtc"], runs["equinox"], goal_ratios(runs["equinox"], runs["vtc"])
 
 
-def loads(scenarios: list[str], factors: list[float]) -> tuple[str, dict]:
+def loads(scenarios: list[str], factors: list[float], setting: list[str] | None = None) -> tuple[str, dict]:
+    equinox = config_with(*setting) if setting else None
     lines = ["| scenario | load | VTC TTFT p50 s | VTC TTFT p99 s | steady throughput | TTFT p50 | TTFT p99 | "
              "light TTFT p99 | Jain | pair gap within bound | goals missed |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     numbers: dict[str, dict] = {}
     for name in scenarios:
         for factor in factors:
-            vtc, equinox, r = at_load(name, factor)
-            missed = missed_goals(name, r, equinox)
-            numbers.setdefault(name, {})[f"{factor:g}"] = {"vtc": vtc, "equinox": equinox, "missed": missed,
+            vtc, ours, r = at_load(name, factor, equinox)
+            missed = missed_goals(name, r, ours)
+            numbers.setdefault(name, {})[f"{factor:g}"] = {"vtc": vtc, "equinox": ours, "missed": missed,
                                                            **{k: v for k, v in r.items() if k != "wall_time"}}
             lines.append(f"| {name} | {factor:g}x | {vtc['ttft_p50']:.2f} | {vtc['ttft_p99']:.2f} | "
                          f"{r['steady_throughput']:.3f}x | {r['ttft_p50']:.2f}x | {r['ttft_p99']:.2f}x | "
@@ -51,7 +57,7 @@ def loads(scenarios: list[str], factors: list[float]) -> tuple[str, dict]:
                          f"{'; '.join(missed) or 'none'} |")
             print(lines[-1], flush=True)
     command = (f"python -m bench loads --scenario {' '.join(scenarios)} --factors "
-               f"{' '.join(f'{f:g}' for f in factors)}")
+               f"{' '.join(f'{f:g}' for f in factors)}" + (f" --set {' '.join(setting)}" if setting else ""))
     text = "\n".join([f"# Equinox against VTC at other loads (`{command}`)", "",
                       __doc__.split("\n\n")[0].replace("\n", " "), "", *lines]) + "\n"
     return text, numbers
@@ -62,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", nargs="+", choices=[s for s in SCENARIOS if s != "vtc-suites"],
                         default=list(DEFAULT_SCENARIOS))
     parser.add_argument("--factors", nargs="+", type=float, default=list(DEFAULT_FACTORS))
+    parser.add_argument("--set", nargs=2, metavar=("SETTING", "VALUE"), help="Equinox with one setting changed "
+                        "from its default (as bench sweep takes it); written to loads-SETTING-VALUE.md")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    text, numbers = loads(args.scenario, args.factors)
-    publish(text, args.out, "loads.md")
-    (args.out / "loads.json").write_text(json.dumps(numbers, indent=1))
+    text, numbers = loads(args.scenario, args.factors, args.set)
+    stem = "loads" if not args.set else f"loads-{args.set[0]}-{args.set[1]}"
+    publish(text, args.out, f"{stem}.md")
+    (args.out / f"{stem}.json").write_text(json.dumps(numbers, indent=1))
     return 0
 
 
