@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from equinox_ray.engines.types import Sampling
 
 TokenId = Annotated[int, Field(ge=0)]
+StopString = Annotated[str, Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -43,7 +44,7 @@ class _Body(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=2, description="vLLM's")
     seed: int | None = None
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = None  # [] asks for nothing, as vLLM takes it
+    stop: StopString | list[StopString] | None = None  # [] asks for nothing; "" is refused, as vLLM does both
     stop_token_ids: list[TokenId] | None = Field(None, description="vLLM's: token ids that end the generation")
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: produce exactly max_tokens (benchmarks, trace replay)

@@ -164,6 +164,8 @@ def test_bad_input_gets_its_status_and_an_openai_error_body(app):
     assert r.status_code == 400 and error(r)["param"] == "max_tokens"
     r = httpx.post(url, json={"model": MODEL, "max_tokens": 3}, headers=auth(ALICE))
     assert r.status_code == 400 and error(r)["param"] == "prompt"
+    r = httpx.post(url, json={**ok, "stop": ""}, headers=auth(ALICE))  # vLLM refuses it too; [] asks for nothing
+    assert r.status_code == 400 and error(r)["param"] == "stop"
     r = httpx.post(url, json={**ok, "model": "gpt-9"}, headers=auth(ALICE))
     assert r.status_code == 404 and error(r)["code"] == "model_not_found"
     r = httpx.post(url, json={**ok, "prompt": [5] * 1000, "max_tokens": 100}, headers=auth(ALICE))
