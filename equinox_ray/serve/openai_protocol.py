@@ -28,6 +28,12 @@ UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "log
                "response_format": (None, {"type": "text"}), "store": (None, False)}
 
 
+# Parameters OpenAI's schema (and vLLM's server) let be null, meaning the default: the openai SDK sends null for an
+# explicit None, and clients that build the body from their own options send every one
+NULL_MEANS_DEFAULT = ("stream", "temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs", "top_k",
+                      "min_p", "repetition_penalty", "ignore_eos")
+
+
 class _Body(BaseModel):
     # strict: a string is not a number nor a boolean; forbid: a parameter we do not know is refused, not ignored
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -61,6 +67,11 @@ class _Body(BaseModel):
     parallel_tool_calls: bool | None = None
     response_format: dict | None = None
     store: bool | None = None
+
+    @field_validator(*NULL_MEANS_DEFAULT, mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, value, info):
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator(*UNSUPPORTED)
     @classmethod

@@ -110,6 +110,13 @@ def test_every_supported_sampling_parameter_is_honoured_through_the_openai_sdk(a
     chat = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka lo mi ne"}],
                                           max_tokens=12, stop=word, stream=True, extra_body={"ignore_eos": True}))
     assert chat[-1].choices[0].finish_reason in ("stop", "length")
+    messages = [{"role": "user", "content": "ka lo mi ne"}]
+    plain = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, extra_body={"ignore_eos": True})
+    nulls = c.chat.completions.create(  # the SDK sends null for an explicit None: OpenAI's schema takes it as default
+        model=MODEL, messages=messages, max_tokens=8, temperature=None, top_p=None, presence_penalty=None,
+        frequency_penalty=None, logprobs=None, stream=None,
+        extra_body={"ignore_eos": True, "top_k": None, "min_p": None, "repetition_penalty": None})
+    assert nulls.choices[0].message.content == plain.choices[0].message.content
     continuous = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ka"}], max_tokens=6,
                                            stream=True, extra_body={"ignore_eos": True},
                                            stream_options={"include_usage": True, "continuous_usage_stats": True})
