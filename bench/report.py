@@ -45,8 +45,9 @@ def counter_bound(run: Run) -> float | None:
     """The bound docs/design.md claims on the service gap between two backlogged users (None for FCFS).
 
     VTC: 2 * max(w_in * L_input, w_out * M) / w_min, with M the tokens the running batches can hold (the cluster's
-    KV capacity). Prepaid predictions widen the admission charge to the largest one seen; Equinox adds
-    alpha * C * l_max for the latency term and its slack Delta."""
+    KV capacity). Prepaid predictions widen the admission charge to the largest one seen; Equinox adds twice
+    alpha * C * l_max for the latency term and twice its slack Delta: each shifts a key by at most that much, and
+    over an interval the lead can change sides."""
     if run.label == "fcfs":
         return None
     result, workload = run.result, run.workload
@@ -58,7 +59,7 @@ def counter_bound(run: Run) -> float | None:
     config = run.config
     if config.name == "equinox":
         slack = slack_tokens(config.efficiency.to_core(), config.input_weight, [p.max_model_len for p in result.pools])
-        bound += config.weights.to_core().max_latency_credit + slack
+        bound += 2 * (config.weights.to_core().max_latency_credit + slack)
     return bound
 
 

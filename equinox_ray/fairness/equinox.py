@@ -16,7 +16,8 @@ Inside the fairness bound, three switches (`Efficiency`) buy latency without mov
 (b) among the backlogged users whose key is within `slack_tokens` (Delta) of the smallest, the one with the
     smallest virtual finish, key + c(head) / weight, goes next, except that a user back from idle ranks by its key
     alone until its first grant (`fresh_first`), and so does a user passed `max_passes` times by grants to larger
-    keys: the gap between backlogged users stays within VTC's bound + Delta;
+    keys: a chosen user's key is at most Delta above the smallest, so the service gap between backlogged users over
+    an interval stays within VTC's bound + 2 Delta (the lead can change sides);
 (c) on mixed GPU types, among those same users, the head request and free pool with the smallest relative time
     (its time on that pool over its time on the fastest pool of the cluster, from the pools' nominal speeds, in
     bands of `pairing_band`) are paired first: each pool gets the work it is comparatively best at (Melange, arXiv
