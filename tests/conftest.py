@@ -12,6 +12,14 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# `.ci/run` sets HYPOTHESIS_PROFILE=ci: the property tests draw the same examples on every CI run, so whether a
+# change lands is not decided by a new random draw. Without it (`make test` by hand) they draw new examples each run,
+# which is how the slack bound's counterexample was found; a failure prints the blob that reproduces it.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "explore"))
 
 
 @pytest.fixture(scope="session")
