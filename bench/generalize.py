@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import GOAL_KEYS, HIGHER_IS_BETTER, better, goal_ratios, metrics, publish
+from bench.report import GOAL_KEYS, HIGHER_IS_BETTER, against_vtc, better, goal_ratios, publish
 from bench.scenarios import Scenario, pool
-from bench.suite import run_scenario
 from bench.sweep import config_with
 from equinox_ray.serve.config import PolicyConfig
 from equinox_ray.sim import PoolSpec
@@ -76,8 +75,7 @@ def generalize(draws: int, n_requests: int, first_seed: int, equinox: PolicyConf
     within = []
     for seed in range(first_seed, first_seed + draws):
         scenario, load = draw(seed, n_requests)
-        changed = {"policies": ("vtc",), "configs": {"equinox": equinox}} if equinox else {}
-        runs = {run.label: metrics(run) for run in run_scenario(scenario, progress=False, **changed)}
+        runs = against_vtc(scenario, equinox)
         r = goal_ratios(runs["equinox"], runs["vtc"])
         for key in GOAL_KEYS:
             ratios[key].append(float(r[key]))

@@ -15,9 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from bench.report import goal_ratios, metrics, missed_goals, publish, yes_no
+from bench.report import against_vtc, goal_ratios, missed_goals, publish, yes_no
 from bench.scenarios import SCENARIOS
-from bench.suite import run_scenario
 from bench.sweep import config_with
 from equinox_ray.serve.config import PolicyConfig
 
@@ -34,8 +33,7 @@ def at_load(name: str, factor: float, equinox: PolicyConfig | None = None) -> tu
     if factor != 1.0:
         workload = workload.compressed(factor)
     scaled = dataclasses.replace(scenario, workloads=lambda smoke: [workload])
-    changed = {"policies": ("vtc",), "configs": {"equinox": equinox}} if equinox else {"policies": ("vtc", "equinox")}
-    runs = {run.label: metrics(run) for run in run_scenario(scaled, progress=False, **changed)}
+    runs = against_vtc(scaled, equinox)
     return runs["vtc"], runs["equinox"], goal_ratios(runs["equinox"], runs["vtc"])
 
 

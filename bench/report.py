@@ -9,12 +9,14 @@ from typing import Sequence
 
 import numpy as np
 
-from bench.suite import Run
+from bench.scenarios import Scenario
+from bench.suite import Run, run_scenario
 from equinox_ray.engines.gpu_profiles import StepModel
 from equinox_ray.fairness.equinox import slack_tokens
 from equinox_ray.fairness.metrics import (CompletionRecord, backlogged_pair_gap, jain_per_window, passed_by,
                                           percentiles, service_difference, steady_throughput, throughput,
                                           WindowedService, windowed_service)
+from equinox_ray.serve.config import PolicyConfig
 from equinox_ray.workloads.workload import Workload
 
 W_IN, W_OUT = 1.0, 2.0
@@ -97,6 +99,13 @@ def record_metrics(records: Sequence[CompletionRecord], workload: Workload, wind
     }
 
 
+def against_vtc(scenario: Scenario, equinox: PolicyConfig | None = None) -> dict[str, dict[str, float]]:
+    """VTC's and Equinox's metrics, by label, on the scenario's workload in the same simulated run; `equinox`: the
+    config Equinox runs with (its defaults where None)."""
+    changed = {"policies": ("vtc",), "configs": {"equinox": equinox}} if equinox else {"policies": ("vtc", "equinox")}
+    return {run.label: metrics(run) for run in run_scenario(scenario, progress=False, **changed)}
+
+
 def metrics(run: Run) -> dict[str, float]:
     return {**record_metrics(run.result.records, run.workload, run.scenario.metrics_window_s),
             "utilization": run.result.utilization, "bound": counter_bound(run) or float("nan"),
@@ -162,6 +171,41 @@ GOAL_KEYS = ("steady_throughput", "ttft_p50", "ttft_p99", "light_ttft_p99", "jai
 HIGHER_IS_BETTER = ("steady_throughput", "jain")
 
 
+GOALS = {  # the beat-VTC issue's targets on Equinox's ratios to VTC; (key, scenarios or None for all, test, text)
+    "ttft_p50": [(("sharegpt-zipf", "azure-mixed"), lambda x: x <= 0.5, "<= 0.5x"),
+                 (("lmsys",), lambda x: x <= 0.9, "<= 0.9x")],
+    "ttft_p99": [(None, lambda x: x <= 1.05, "<= 1.05x")],
+    "light_ttft_p99": [(None, lambda x: x <= 1.0, "<= 1.0x")],
+    "steady_throughput": [(("azure-mixed", "scale"), lambda x: x >= 1.05, ">= 1.05x"),
+                          (None, lambda x: x >= 0.99, ">= 0.99x")],
+    "jain": [(None, lambda x: x >= 0.98, ">= 0.98x")],
+    "gap_within_bound": [(None, lambda x: bool(x), "true")],
+    "wall_time": [(("scale",), lambda x: x <= 1.2, "<= 1.2x")],
+}
+
+
+def missed_goals(scenario: str, ratios: dict, equinox: dict | None = None) -> list[str]:
+    """The goals `ratios` misses, in words; `equinox`'s own metrics add why the light users' p99 missed (how many
+    other requests started while its slowest light request waited)."""
+    missed, equinox = [], equinox or {}
+    for key, rules in GOALS.items():
+        for where, ok, text in rules:
+            if where is None or scenario in where:
+                value = ratios[key]
+                if isinstance(value, float) and math.isnan(value):
+                    missed.append(f"{key} n/a")  # e.g. Jain where no user waited long enough to count
+                elif not ok(value):
+                    why = ""
+                    passed = equinox.get("light_slowest_passed")
+                    if key == "light_ttft_p99" and passed is not None and not math.isnan(passed):
+                        count = equinox.get("light_requests")
+                        why = (f"; p99 of {count:,.0f} light requests" if count else "") + \
+                            f"; Equinox's slowest light request was passed by {passed:.0f} grants"
+                    missed.append(f"{key} {value if isinstance(value, bool) else f'{value:.3f}'} (goal {text}{why})")
+                break
+    return missed
+
+
 def better(key: str, ratio: float, tie: float = 0.0) -> int:
     """1 where a ratio to VTC on `key` favours Equinox by more than `tie`, -1 where it favours VTC, 0 otherwise (or
     where it is undefined)."""
@@ -222,37 +266,3 @@ def publish(text: str, out: Path, name: str) -> Path:
     print(text)
     return out / name
 
-
-GOALS = {  # the beat-VTC issue's targets on Equinox's ratios to VTC; (key, scenarios or None for all, test, text)
-    "ttft_p50": [(("sharegpt-zipf", "azure-mixed"), lambda x: x <= 0.5, "<= 0.5x"),
-                 (("lmsys",), lambda x: x <= 0.9, "<= 0.9x")],
-    "ttft_p99": [(None, lambda x: x <= 1.05, "<= 1.05x")],
-    "light_ttft_p99": [(None, lambda x: x <= 1.0, "<= 1.0x")],
-    "steady_throughput": [(("azure-mixed", "scale"), lambda x: x >= 1.05, ">= 1.05x"),
-                          (None, lambda x: x >= 0.99, ">= 0.99x")],
-    "jain": [(None, lambda x: x >= 0.98, ">= 0.98x")],
-    "gap_within_bound": [(None, lambda x: bool(x), "true")],
-    "wall_time": [(("scale",), lambda x: x <= 1.2, "<= 1.2x")],
-}
-
-
-def missed_goals(scenario: str, ratios: dict, equinox: dict | None = None) -> list[str]:
-    """The goals `ratios` misses, in words; `equinox`'s own metrics add why the light users' p99 missed (how many
-    other requests started while its slowest light request waited)."""
-    missed, equinox = [], equinox or {}
-    for key, rules in GOALS.items():
-        for where, ok, text in rules:
-            if where is None or scenario in where:
-                value = ratios[key]
-                if isinstance(value, float) and math.isnan(value):
-                    missed.append(f"{key} n/a")  # e.g. Jain where no user waited long enough to count
-                elif not ok(value):
-                    why = ""
-                    passed = equinox.get("light_slowest_passed")
-                    if key == "light_ttft_p99" and passed is not None and not math.isnan(passed):
-                        count = equinox.get("light_requests")
-                        why = (f"; p99 of {count:,.0f} light requests" if count else "") + \
-                            f"; Equinox's slowest light request was passed by {passed:.0f} grants"
-                    missed.append(f"{key} {value if isinstance(value, bool) else f'{value:.3f}'} (goal {text}{why})")
-                break
-    return missed
