@@ -16,11 +16,13 @@
     python -m bench ceiling [--scenario NAME ...]          steady throughput placement can buy on mixed GPU types
     python -m bench generalize [--draws 24]                Equinox against VTC on random workloads and clusters
     python -m bench loads [--factors 0.7 0.85 1 1.15 1.3]  Equinox against VTC at other loads of the scenarios
+    python -m bench jitter [--draws 8]                     the same, across draws of jittered arrivals
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -29,6 +31,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 PLOTTED_SUITES = {"overload", "on-off-overload", "poisson-short-long-2"}
+OWN_OPTIONS = {"soak": "bench.soak", "faults": "bench.faults", "churn": "bench.churn", "sweep": "bench.sweep",
+               "kv-view": "bench.kv_view", "ceiling": "bench.ceiling", "generalize": "bench.generalize",
+               "loads": "bench.loads", "jitter": "bench.jitter", "peers": "bench.peers"}
 
 
 def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
@@ -117,42 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     from bench.scenarios import SCENARIOS
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["soak"]:  # its own options (python -m bench soak --help)
-        from bench.soak import main as soak_main
-
-        sys.exit(soak_main(argv[1:]))
-    if argv[:1] == ["faults"]:
-        from bench.faults import main as faults_main
-
-        sys.exit(faults_main(argv[1:]))
-    if argv[:1] == ["churn"]:
-        from bench.churn import main as churn_main
-
-        sys.exit(churn_main(argv[1:]))
-    if argv[:1] == ["sweep"]:
-        from bench.sweep import main as sweep_main
-
-        sys.exit(sweep_main(argv[1:]))
-    if argv[:1] == ["kv-view"]:
-        from bench.kv_view import main as kv_view_main
-
-        sys.exit(kv_view_main(argv[1:]))
-    if argv[:1] == ["ceiling"]:
-        from bench.ceiling import main as ceiling_main
-
-        sys.exit(ceiling_main(argv[1:]))
-    if argv[:1] == ["generalize"]:
-        from bench.generalize import main as generalize_main
-
-        sys.exit(generalize_main(argv[1:]))
-    if argv[:1] == ["loads"]:
-        from bench.loads import main as loads_main
-
-        sys.exit(loads_main(argv[1:]))
-    if argv[:1] == ["peers"]:
-        from bench.peers import main as peers_main
-
-        sys.exit(peers_main(argv[1:]))
+    if argv[:1] and argv[0] in OWN_OPTIONS:  # each parses its own options (python -m bench NAME --help)
+        sys.exit(importlib.import_module(OWN_OPTIONS[argv[0]]).main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     suite = sub.add_parser("suite", help="simulated scenarios")
@@ -186,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("ceiling", help="steady throughput placement can buy: python -m bench ceiling --help")
     sub.add_parser("generalize", help="Equinox against VTC on random workloads: python -m bench generalize --help")
     sub.add_parser("loads", help="Equinox against VTC at other loads: python -m bench loads --help")
+    sub.add_parser("jitter", help="Equinox against VTC across jittered arrivals: python -m bench jitter --help")
     args = parser.parse_args(argv)
     if args.command == "suite":
         args.out.mkdir(parents=True, exist_ok=True)

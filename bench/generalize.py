@@ -13,13 +13,11 @@ VTC on the goals' metrics for every draw, then how many draws each metric went E
 from __future__ import annotations
 
 import argparse
-import math
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from bench.report import GOAL_KEYS, HIGHER_IS_BETTER, against_vtc, better, goal_ratios, publish
+from bench.report import GOAL_KEYS, against_vtc, goal_ratios, publish, tally
 from bench.scenarios import Scenario, pool
 from bench.sweep import config_with
 from equinox_ray.serve.config import PolicyConfig
@@ -30,7 +28,6 @@ from equinox_ray.workloads.workload import Workload
 RESULTS = Path(__file__).parent / "results"
 WINDOW_S = 5.0
 MAX_TOKENS = 1024
-TIE = 0.02  # ratios within 2% of 1 count as ties
 
 
 def random_cluster(rng: np.random.Generator) -> tuple[PoolSpec, ...]:
@@ -85,15 +82,7 @@ def generalize(draws: int, n_requests: int, first_seed: int, equinox: PolicyConf
                      + " | ".join(f"{r[key]:.2f}x" if key != "jain" else f"{r[key]:.3f}x" for key in GOAL_KEYS)
                      + f" | {'yes' if r['gap_within_bound'] else 'no'} |")
         print(lines[-1], flush=True)
-    summary = ["| metric | Equinox better | tie (within 2%) | Equinox worse | median ratio | worst ratio |",
-               "|---|---:|---:|---:|---:|---:|"]
-    for key in GOAL_KEYS:
-        values = [v for v in ratios[key] if not math.isnan(v)]
-        tally = Counter(better(key, v, TIE) for v in values)
-        worst = min(values) if key in HIGHER_IS_BETTER else max(values)
-        summary.append(f"| {key.replace('_', ' ')} | {tally[1]} | {tally[0]} | {tally[-1]} | "
-                       f"{np.median(values):.3f}x | {worst:.3f}x |")
-    summary.append(f"| pair gap within bound | {sum(bool(w) for w in within)} of {len(within)} | | | | |")
+    summary = tally(ratios, within)
     return "\n".join([f"# Equinox against VTC on random workloads (`python -m bench generalize --draws {draws} "
                       f"--requests {n_requests}`)", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
                       f"Client max_tokens {MAX_TOKENS}; windows of {WINDOW_S:g} s; ratios are Equinox over VTC.", "",

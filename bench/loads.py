@@ -25,13 +25,17 @@ DEFAULT_SCENARIOS = ("lmsys", "sharegpt-zipf", "azure-mixed")
 DEFAULT_FACTORS = (0.7, 0.85, 1.0, 1.15, 1.3)
 
 
-def at_load(name: str, factor: float, equinox: PolicyConfig | None = None) -> tuple[dict, dict, dict]:
+def at_load(name: str, factor: float, equinox: PolicyConfig | None = None,
+            jitter_seed: int | None = None) -> tuple[dict, dict, dict]:
     """VTC's and Equinox's metrics on the scenario's workload with arrivals `factor` times as dense, and the ratios;
-    `equinox`: the config Equinox runs with (its defaults where None)."""
+    `equinox`: the config Equinox runs with (its defaults where None); `jitter_seed`: each arrival delayed by a random
+    part of one mean gap (`Workload.jittered`)."""
     scenario = SCENARIOS[name]
     workload = scenario.workloads(False)[0]
     if factor != 1.0:
         workload = workload.compressed(factor)
+    if jitter_seed is not None:
+        workload = workload.jittered(jitter_seed)
     scaled = dataclasses.replace(scenario, workloads=lambda smoke: [workload])
     runs = against_vtc(scaled, equinox)
     return runs["vtc"], runs["equinox"], goal_ratios(runs["equinox"], runs["vtc"])

@@ -4,6 +4,7 @@ VTC and to FCFS beside the paper's claims."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -169,6 +170,7 @@ def ratios(rows: dict[str, dict[str, float]]) -> str:
 
 GOAL_KEYS = ("steady_throughput", "ttft_p50", "ttft_p99", "light_ttft_p99", "jain")  # the beat-VTC goals' metrics
 HIGHER_IS_BETTER = ("steady_throughput", "jain")
+TIE = 0.02  # ratios within 2% of 1 count as ties
 
 
 GOALS = {  # the beat-VTC issue's targets on Equinox's ratios to VTC; (key, scenarios or None for all, test, text)
@@ -212,6 +214,24 @@ def better(key: str, ratio: float, tie: float = 0.0) -> int:
     if math.isnan(ratio) or abs(ratio - 1) <= tie:
         return 0
     return 1 if (ratio > 1) == (key in HIGHER_IS_BETTER) else -1
+
+
+def tally(ratios: dict[str, list[float]], within: list[bool | None], tie: float = TIE) -> list[str]:
+    """How many runs each goal metric went Equinox's way, past a `tie` band, with its median and worst ratio, and in
+    how many the backlogged-pair gap stayed within the bound: a markdown table's lines."""
+    lines = ["| metric | Equinox better | tie (within 2%) | Equinox worse | median ratio | worst ratio |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key in GOAL_KEYS:
+        values = [v for v in ratios[key] if not math.isnan(v)]
+        if not values:
+            lines.append(f"| {key.replace('_', ' ')} | | | | n/a | n/a |")
+            continue
+        count = Counter(better(key, v, tie) for v in values)
+        worst = min(values) if key in HIGHER_IS_BETTER else max(values)
+        lines.append(f"| {key.replace('_', ' ')} | {count[1]} | {count[0]} | {count[-1]} | "
+                     f"{np.median(values):.3f}x | {worst:.3f}x |")
+    lines.append(f"| pair gap within bound | {sum(bool(w) for w in within)} of {len(within)} | | | | |")
+    return lines
 
 
 def sign_test_p(wins: int, n: int) -> float:

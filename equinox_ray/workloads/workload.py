@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from equinox_ray.fairness.request import Request, UnknownUser, User
 
 
@@ -35,6 +37,16 @@ class Workload:
         """The same requests arriving `factor` times sooner (a factor under 1 spreads them out)."""
         requests = [TraceRequest(r.arrival_s / factor, r.user, r.prompt_tokens, r.output_tokens)
                     for r in self.requests]
+        return Workload(name or self.name, self.users, requests)
+
+    def jittered(self, seed: int, name: str | None = None) -> "Workload":
+        """The same requests, each arriving later by a random delay of up to one mean gap between arrivals: the
+        trace's shape at every scale above that gap, with its coincidences (which request meets which free slot)
+        drawn anew."""
+        gap = self.duration_s / max(len(self.requests) - 1, 1)
+        delays = np.random.default_rng(seed).uniform(0.0, gap, len(self.requests))
+        requests = [TraceRequest(r.arrival_s + float(d), r.user, r.prompt_tokens, r.output_tokens)
+                    for r, d in zip(self.requests, delays)]
         return Workload(name or self.name, self.users, requests)
 
     def scheduler_request(self, index: int, max_tokens_cap: int | None = None) -> Request:

@@ -1,0 +1,70 @@
+"""Equinox against VTC on the suite's scenarios in several seeded draws, each arrival delayed by a random part of
+one mean gap between arrivals: the traces keep their shape at every longer scale, and only their coincidences (which
+request meets which free slot) are drawn anew. One run of a scenario is one draw of these; this shows which ratios,
+and which goals met or missed, hold across draws and which are the coincidences of one. A p99 over a few dozen light
+requests (LMSYS has 26) is its slowest request or two, so one draw of it says little.
+
+    python -m bench jitter [--scenario lmsys sharegpt-zipf azure-mixed] [--draws 8] [--first-seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.loads import at_load
+from bench.report import GOAL_KEYS, missed_goals, publish, tally, yes_no
+from bench.scenarios import SCENARIOS
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_SCENARIOS = ("lmsys", "sharegpt-zipf", "azure-mixed")
+
+
+def jitter(name: str, seeds: range) -> tuple[list[str], dict]:
+    """The scenario's section: a row per draw, then the tally over the draws and how often each goal was missed."""
+    rows = ["| draw | VTC TTFT p50 s | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain | "
+            "pair gap within bound | goals missed |", "|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    ratios: dict[str, list[float]] = {key: [] for key in GOAL_KEYS}
+    within, misses, draws = [], {key: 0 for key in GOAL_KEYS}, {}
+    for seed in seeds:
+        vtc, ours, r = at_load(name, 1.0, jitter_seed=seed)
+        missed = missed_goals(name, r, ours)
+        for key in GOAL_KEYS:
+            ratios[key].append(float(r[key]))
+            misses[key] += any(m.startswith(f"{key} ") for m in missed)
+        within.append(r["gap_within_bound"])
+        draws[seed] = {"vtc": vtc, "equinox": ours, "missed": missed, **r}
+        rows.append(f"| {seed} | {vtc['ttft_p50']:.2f} | {r['steady_throughput']:.3f}x | {r['ttft_p50']:.2f}x | "
+                    f"{r['ttft_p99']:.2f}x | {r['light_ttft_p99']:.2f}x | {r['jain']:.3f}x | "
+                    f"{yes_no(r['gap_within_bound'])} | {'; '.join(missed) or 'none'} |")
+        print(f"{name} {rows[-1]}", flush=True)
+    missed_line = "Draws that miss each goal: " + ", ".join(
+        f"{key.replace('_', ' ')} {misses[key]} of {len(seeds)}" for key in GOAL_KEYS) + "."
+    section = [f"## {name}", "", *tally(ratios, within), "", missed_line, "", *rows, ""]
+    return section, {"draws": draws, "missed": misses}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench jitter", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", nargs="+", choices=[s for s in SCENARIOS if s not in ("vtc-suites", "scale")],
+                        default=list(DEFAULT_SCENARIOS))
+    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    seeds = range(args.first_seed, args.first_seed + args.draws)
+    lines = [f"# Equinox against VTC across jittered arrivals (`python -m bench jitter --scenario "
+             f"{' '.join(args.scenario)} --draws {args.draws} --first-seed {args.first_seed}`)", "",
+             __doc__.split("\n\n")[0].replace("\n", " "), "", "Ratios are Equinox over VTC in the same draw.", ""]
+    numbers = {}
+    for name in args.scenario:
+        section, numbers[name] = jitter(name, seeds)
+        lines += section
+    publish("\n".join(lines), args.out, "jitter.md")
+    (args.out / "jitter.json").write_text(json.dumps(numbers, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
