@@ -10,11 +10,11 @@ from bench.__main__ import main as bench_main
 from bench.report import counter_bound, lightest_users, metrics
 from bench.scenarios import A10G_TO_A100, MIXED, SCENARIOS, pool
 from bench.suite import Run, run_scenario
-from equinox_ray.fairness import FCFS, VTC, Efficiency, Equinox, EquinoxWeights, MovingAveragePredictor, Request
+from equinox_ray.fairness import FCFS, VTC, Efficiency, Equinox, EquinoxWeights, MovingAveragePredictor, Request, User
 from equinox_ray.fairness.metrics import service_difference, windowed_service
 from equinox_ray.sim import ClusterSim, PoolSpec
 from equinox_ray.workloads import synthetic, traces
-from equinox_ray.workloads.workload import Workload
+from equinox_ray.workloads.workload import TraceRequest, Workload
 
 A100 = (PoolSpec("a100", "A100", 1),)
 
@@ -230,3 +230,20 @@ def test_the_sign_test_of_pooled_real_rounds():
     assert sign_test_p(6, 12) == 1.0
     assert sign_test_p(10, 12) == sign_test_p(2, 12) == pytest.approx(2 * (1 + 12 + 66) / 4096)
     assert sign_test_p(0, 0) == 1.0
+
+
+def test_jittered_arrivals_move_each_request_later_by_less_than_one_mean_gap():
+    """`bench jitter`'s draws: the same requests, each at most one mean gap later, the same for the same seed."""
+    arrivals = [0.0, 0.1, 0.15, 0.9, 1.0, 1.01, 2.5, 3.0]
+    workload = Workload("w", {"a": User("a"), "b": User("b")},
+                        [TraceRequest(t, "ab"[i % 2], i + 1, 10) for i, t in enumerate(arrivals)])
+    gap = 3.0 / 7
+    first, again, other = workload.jittered(1), workload.jittered(1), workload.jittered(2)
+    assert [r.arrival_s for r in first.requests] == [r.arrival_s for r in again.requests]
+    assert [r.arrival_s for r in first.requests] != [r.arrival_s for r in other.requests]
+    moved = {r.prompt_tokens: r for r in first.requests}  # each request's prompt length is its own
+    assert len(moved) == len(arrivals)
+    for origin in workload.requests:
+        request = moved[origin.prompt_tokens]
+        assert (request.user, request.output_tokens) == (origin.user, origin.output_tokens)
+        assert origin.arrival_s <= request.arrival_s < origin.arrival_s + gap
