@@ -4,7 +4,9 @@ request meets which free slot) are drawn anew. One run of a scenario is one draw
 and which goals met or missed, hold across draws and which are the coincidences of one. A p99 over a few dozen light
 requests (LMSYS has 26) is its slowest request or two, so one draw of it says little.
 
-    python -m bench jitter [--scenario lmsys sharegpt-zipf azure-mixed] [--draws 8] [--first-seed 0]
+    python -m bench jitter [--scenario lmsys sharegpt-zipf azure-mixed] [--draws 8] [--first-seed 0] [--load 1]
+
+`--load`: the arrivals that many times as dense first, as `bench loads` has them (written to jitter-LOADx.md).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ RESULTS = Path(__file__).parent / "results"
 DEFAULT_SCENARIOS = ("lmsys", "sharegpt-zipf", "azure-mixed")
 
 
-def jitter(name: str, seeds: range) -> tuple[list[str], dict]:
+def jitter(name: str, seeds: range, load: float = 1.0) -> tuple[list[str], dict]:
     """The scenario's section: a row per draw, then the tally over the draws and how often each goal was missed."""
     rows = ["| draw | VTC TTFT p50 s | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain | "
             "pair gap within bound | goals missed |", "|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     ratios: dict[str, list[float]] = {key: [] for key in GOAL_KEYS}
     within, misses, draws = [], {key: 0 for key in GOAL_KEYS}, {}
     for seed in seeds:
-        vtc, ours, r = at_load(name, 1.0, jitter_seed=seed)
+        vtc, ours, r = at_load(name, load, jitter_seed=seed)
         missed = missed_goals(name, r, ours)
         for key in GOAL_KEYS:
             ratios[key].append(float(r[key]))
@@ -51,18 +53,21 @@ def main(argv: list[str] | None = None) -> int:
                         default=list(DEFAULT_SCENARIOS))
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--load", type=float, default=1.0, help="arrivals this many times as dense first")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     seeds = range(args.first_seed, args.first_seed + args.draws)
+    load = f" --load {args.load:g}" if args.load != 1.0 else ""
     lines = [f"# Equinox against VTC across jittered arrivals (`python -m bench jitter --scenario "
-             f"{' '.join(args.scenario)} --draws {args.draws} --first-seed {args.first_seed}`)", "",
+             f"{' '.join(args.scenario)} --draws {args.draws} --first-seed {args.first_seed}{load}`)", "",
              __doc__.split("\n\n")[0].replace("\n", " "), "", "Ratios are Equinox over VTC in the same draw.", ""]
     numbers = {}
     for name in args.scenario:
-        section, numbers[name] = jitter(name, seeds)
+        section, numbers[name] = jitter(name, seeds, args.load)
         lines += section
-    publish("\n".join(lines), args.out, "jitter.md")
-    (args.out / "jitter.json").write_text(json.dumps(numbers, indent=1))
+    stem = "jitter" if args.load == 1.0 else f"jitter-{args.load:g}x"
+    publish("\n".join(lines), args.out, f"{stem}.md")
+    (args.out / f"{stem}.json").write_text(json.dumps(numbers, indent=1))
     return 0
 
 
