@@ -265,6 +265,21 @@ def verdict(eq: dict[str, float], vtc: dict[str, float], noise: float = 0.02) ->
             f"Worse on: {', '.join(losses) or 'nothing'}. (Differences within 2% count as ties.)")
 
 
+RATIO_HEADER = ("steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 | Jain | VTC's Jain | service difference | "
+                "pair gap within bound")
+RATIO_ALIGN = "---:|---:|---:|---:|---:|---:|---:|---"
+
+
+def ratio_cells(r: dict, vtc: dict, equinox: dict) -> str:
+    """A row's cells under RATIO_HEADER: Equinox's ratios to VTC on the goals' metrics, VTC's own Jain's index (far
+    below 1 where users who asked for little count as backlogged), and the ratio of VTC's windowed service
+    difference (`metrics.service_difference`, average: it counts no user as short of what it did not ask for)."""
+    difference = equinox["sd_avg"] / vtc["sd_avg"] if vtc["sd_avg"] else float("nan")
+    return (f"{r['steady_throughput']:.3f}x | {r['ttft_p50']:.2f}x | {r['ttft_p99']:.2f}x | "
+            f"{r['light_ttft_p99']:.2f}x | {r['jain']:.3f}x | {vtc['jain']:.2f} | {difference:.2f}x | "
+            f"{yes_no(r['gap_within_bound'])}")
+
+
 def yes_no(flag: bool | None) -> str:
     return "n/a" if flag is None else "yes" if flag else "NO"
 
