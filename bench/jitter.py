@@ -7,6 +7,7 @@ own Jain's index, far below 1 where users who asked for little count as backlogg
 service difference, which counts no user as short of what it did not ask for.
 
     python -m bench jitter [--scenario lmsys sharegpt-zipf azure-mixed] [--draws 8] [--first-seed 0] [--load 1]
+                           [--set efficiency.max_overtakes 0]
 
 `--load`: the arrivals that many times as dense first, as `bench loads` has them (written to jitter-LOADx.md).
 """
@@ -20,18 +21,20 @@ from pathlib import Path
 from bench.loads import at_load
 from bench.report import GOAL_KEYS, RATIO_ALIGN, RATIO_HEADER, missed_goals, publish, ratio_cells, tally
 from bench.scenarios import SCENARIOS
+from bench.sweep import config_with
+from equinox_ray.serve.config import PolicyConfig
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SCENARIOS = ("lmsys", "sharegpt-zipf", "azure-mixed")
 
 
-def jitter(name: str, seeds: range, load: float = 1.0) -> tuple[list[str], dict]:
+def jitter(name: str, seeds: range, load: float = 1.0, equinox: PolicyConfig | None = None) -> tuple[list[str], dict]:
     """The scenario's section: a row per draw, then the tally over the draws and how often each goal was missed."""
     rows = [f"| draw | VTC TTFT p50 s | {RATIO_HEADER} | goals missed |", f"|---:|---:|{RATIO_ALIGN}|---|"]
     ratios: dict[str, list[float]] = {key: [] for key in GOAL_KEYS}
     within, misses, draws = [], {key: 0 for key in GOAL_KEYS}, {}
     for seed in seeds:
-        vtc, ours, r = at_load(name, load, jitter_seed=seed)
+        vtc, ours, r = at_load(name, load, equinox, jitter_seed=seed)
         missed = missed_goals(name, r, ours)
         for key in GOAL_KEYS:
             ratios[key].append(float(r[key]))
@@ -53,18 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--load", type=float, default=1.0, help="arrivals this many times as dense first")
+    parser.add_argument("--set", nargs=2, metavar=("SETTING", "VALUE"), help="Equinox with one setting changed "
+                        "from its default (as bench sweep takes it); written to jitter[-LOADx]-SETTING-VALUE.md")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     seeds = range(args.first_seed, args.first_seed + args.draws)
-    load = f" --load {args.load:g}" if args.load != 1.0 else ""
+    equinox = config_with(*args.set) if args.set else None
+    load = (f" --load {args.load:g}" if args.load != 1.0 else "") + (f" --set {' '.join(args.set)}" if args.set else "")
     lines = [f"# Equinox against VTC across jittered arrivals (`python -m bench jitter --scenario "
              f"{' '.join(args.scenario)} --draws {args.draws} --first-seed {args.first_seed}{load}`)", "",
              __doc__.split("\n\n")[0].replace("\n", " "), "", "Ratios are Equinox over VTC in the same draw.", ""]
     numbers = {}
     for name in args.scenario:
-        section, numbers[name] = jitter(name, seeds, args.load)
+        section, numbers[name] = jitter(name, seeds, args.load, equinox)
         lines += section
-    stem = "jitter" if args.load == 1.0 else f"jitter-{args.load:g}x"
+    stem = "jitter" + (f"-{args.load:g}x" if args.load != 1.0 else "") + (f"-{'-'.join(args.set)}" if args.set else "")
     publish("\n".join(lines), args.out, f"{stem}.md")
     (args.out / f"{stem}.json").write_text(json.dumps(numbers, indent=1))
     return 0
