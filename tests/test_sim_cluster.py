@@ -247,3 +247,17 @@ def test_jittered_arrivals_move_each_request_later_by_less_than_one_mean_gap():
         request = moved[origin.prompt_tokens]
         assert (request.user, request.output_tokens) == (origin.user, origin.output_tokens)
         assert origin.arrival_s <= request.arrival_s < origin.arrival_s + gap
+
+
+def test_bench_jitter_writes_every_draw_and_the_tally(tmp_path):
+    from bench.jitter import main as jitter_main
+
+    assert jitter_main(["--scenario", "lmsys", "--draws", "2", "--load", "0.7", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "jitter-0.7x.md").read_text()
+    assert "| ttft p50 |" in text and "| pair gap within bound | 2 of 2 |" in text
+    assert "Draws that miss each goal:" in text
+    numbers = json.loads((tmp_path / "jitter-0.7x.json").read_text())["lmsys"]
+    assert set(numbers["draws"]) == {"0", "1"}
+    first, second = numbers["draws"]["0"], numbers["draws"]["1"]
+    assert first["vtc"]["ttft_p99"] != second["vtc"]["ttft_p99"]  # two draws, not one run twice
+    assert set(numbers["missed"]) == {"steady_throughput", "ttft_p50", "ttft_p99", "light_ttft_p99", "jain"}
