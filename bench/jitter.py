@@ -9,7 +9,8 @@ service difference, which counts no user as short of what it did not ask for.
     python -m bench jitter [--scenario lmsys sharegpt-zipf azure-mixed] [--draws 8] [--first-seed 0] [--load 1]
                            [--set efficiency.max_overtakes 0]
 
-`--load`: the arrivals that many times as dense first, as `bench loads` has them (written to jitter-LOADx.md).
+`--load`: the arrivals that many times as dense first, as `bench loads` has them. Written to
+jitter[-LOADx][-SCENARIOS][-SETTING-VALUE].md and .json (the scenarios named where they are not the default three).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--load", type=float, default=1.0, help="arrivals this many times as dense first")
     parser.add_argument("--set", nargs=2, metavar=("SETTING", "VALUE"), help="Equinox with one setting changed "
-                        "from its default (as bench sweep takes it); written to jitter[-LOADx]-SETTING-VALUE.md")
+                        "from its default (as bench sweep takes it)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     seeds = range(args.first_seed, args.first_seed + args.draws)
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.scenario:
         section, numbers[name] = jitter(name, seeds, args.load, equinox)
         lines += section
-    stem = "jitter" + (f"-{args.load:g}x" if args.load != 1.0 else "") + (f"-{'-'.join(args.set)}" if args.set else "")
+    stem = "-".join(["jitter", *([f"{args.load:g}x"] if args.load != 1.0 else []),
+                     *(sorted(args.scenario) if sorted(args.scenario) != sorted(DEFAULT_SCENARIOS) else []),
+                     *(args.set or [])])
     publish("\n".join(lines), args.out, f"{stem}.md")
     (args.out / f"{stem}.json").write_text(json.dumps(numbers, indent=1))
     return 0

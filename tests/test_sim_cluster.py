@@ -253,10 +253,10 @@ def test_bench_jitter_writes_every_draw_and_the_tally(tmp_path):
     from bench.jitter import main as jitter_main
 
     assert jitter_main(["--scenario", "lmsys", "--draws", "2", "--load", "0.7", "--out", str(tmp_path)]) == 0
-    text = (tmp_path / "jitter-0.7x.md").read_text()
+    text = (tmp_path / "jitter-0.7x-lmsys.md").read_text()
     assert "| ttft p50 |" in text and "| pair gap within bound | 2 of 2 |" in text
     assert "Draws that miss each goal:" in text
-    numbers = json.loads((tmp_path / "jitter-0.7x.json").read_text())["lmsys"]
+    numbers = json.loads((tmp_path / "jitter-0.7x-lmsys.json").read_text())["lmsys"]
     assert set(numbers["draws"]) == {"0", "1"}
     first, second = numbers["draws"]["0"], numbers["draws"]["1"]
     assert first["vtc"]["ttft_p99"] != second["vtc"]["ttft_p99"]  # two draws, not one run twice
