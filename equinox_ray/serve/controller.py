@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Callable
 
 from equinox_ray.engines.replica import ReplicaReport
 from equinox_ray.fairness import Outcome, Request, User
 from equinox_ray.fairness.live import PredictionError, SlidingService
-from equinox_ray.fairness.pools import fitting_pools
+from equinox_ray.serve.autoscaling import backlog_by_pool
 from equinox_ray.serve.checkpoint import Checkpoint, UsageTotals
 from equinox_ray.serve.completion_records import CompletionRecords
 from equinox_ray.serve.config import AppConfig, PolicyConfig
@@ -387,36 +387,8 @@ class FairnessController:
         now = self.now()
         if self._backlog is not None and now - self._backlog[0] < self.config.report_interval_s / 2:
             return self._backlog[1]
-        self._backlog = (now, self._count_backlog())
+        self._backlog = (now, backlog_by_pool(self.policy, [p.view() for p in self.pools.values()]))
         return self._backlog[1]
-
-    def _count_backlog(self) -> dict[str, int]:
-        views = [p.view() for p in self.pools.values()]
-        open_views = [replace(v, free_slots=max(v.free_slots, 1)) for v in views]
-        counts = {name: 0 for name in self.pools}
-        for request in self.policy.queues.waiting():
-            candidates = fitting_pools(request.kv_demand, open_views)
-            if candidates:
-                pool, _ = self.policy.choose_pool(request, candidates, open_views)
-                counts[pool.name] += 1
-        return counts
 
     def policy_service(self, prompt_tokens: int, output_tokens: int) -> float:
         return self.config.policy.input_weight * prompt_tokens + self.config.policy.output_weight * output_tokens
-
-    def jain(self) -> float | None:
-        """Jain's index of weighted service over the last JAIN_WINDOW_S among users served, waiting or running."""
-        return self.service_window.jain(self.now(), set(self.policy.backlogged_users()) | set(self.running_by_user()))
-
-    def running_by_user(self) -> defaultdict[str, int]:
-        """Granted and unfinished requests per user (0 for anyone else)."""
-        counts: defaultdict[str, int] = defaultdict(int)
-        for request in self.policy.running.values():
-            counts[request.user] += 1
-        return counts
-
-    def predictor_status(self) -> dict:
-        predictor = getattr(self.policy, "predictor", None)
-        return {"name": None if predictor is None else type(predictor).__name__,
-                "fallbacks": getattr(predictor, "fallbacks", 0), "error": dict(self.prediction_error.error),
-                "observed": self.prediction_error.count}

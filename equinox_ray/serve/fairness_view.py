@@ -1,8 +1,9 @@
-"""The controller's state as `/v1/fairness` and the dashboard show it."""
+"""The controller's state as `/v1/fairness`, the dashboard and `/metrics` show it."""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 from equinox_ray.fairness.metrics import percentiles
 from equinox_ray.serve.controller import JAIN_WINDOW_S, FairnessController
@@ -12,7 +13,7 @@ from equinox_ray.serve.controller_state import ReplicaState
 def snapshot(controller: FairnessController, user: str | None = None) -> dict:
     """What `/v1/fairness` shows: per-user queues, counters, usage and latency; per-pool state; Jain's index."""
     users = [user] if user is not None else sorted(set(controller.policy.users) | set(controller.stats))
-    running = controller.running_by_user()
+    running = running_by_user(controller)
     rows = {}
     for name in users:
         s = controller.stats[name]
@@ -36,7 +37,28 @@ def snapshot(controller: FairnessController, user: str | None = None) -> dict:
              for name, p in controller.pools.items()}
     return {"policy": controller.policy.name, "time_s": controller.now(), "users": rows, "pools": pools,
             "ingress": {name: {"submitted": n} for name, n in controller.submitted_by_ingress.items()},
-            "jain": controller.jain(), "jain_window_s": JAIN_WINDOW_S, "predictor": controller.predictor_status()}
+            "jain": jain(controller), "jain_window_s": JAIN_WINDOW_S, "predictor": predictor_status(controller)}
+
+
+def running_by_user(controller: FairnessController) -> defaultdict[str, int]:
+    """Granted and unfinished requests per user (0 for anyone else)."""
+    counts: defaultdict[str, int] = defaultdict(int)
+    for request in controller.policy.running.values():
+        counts[request.user] += 1
+    return counts
+
+
+def jain(controller: FairnessController) -> float | None:
+    """Jain's index of weighted service over the last JAIN_WINDOW_S among users served, waiting or running."""
+    active = set(controller.policy.backlogged_users()) | set(running_by_user(controller))
+    return controller.service_window.jain(controller.now(), active)
+
+
+def predictor_status(controller: FairnessController) -> dict:
+    predictor = getattr(controller.policy, "predictor", None)
+    return {"name": None if predictor is None else type(predictor).__name__,
+            "fallbacks": getattr(predictor, "fallbacks", 0), "error": dict(controller.prediction_error.error),
+            "observed": controller.prediction_error.count}
 
 
 def _replica_detail(state: ReplicaState) -> dict:

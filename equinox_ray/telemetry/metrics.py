@@ -13,6 +13,8 @@ from typing import Iterable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from equinox_ray.serve.fairness_view import jain, predictor_status, running_by_user
+
 OTHER = "other"
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -50,12 +52,12 @@ class ControllerCollector:
                                     "of a label)", labels=["user", "counter"])
         by_label: dict[str, dict] = defaultdict(lambda: defaultdict(float))
         counters: dict[tuple[str, str], list[float]] = defaultdict(list)
-        running_by_user = c.running_by_user()
+        granted = running_by_user(c)
         for user in sorted(set(c.policy.users) | set(c.stats)):
             label, s = self.labels.label(user), c.stats[user]
             row = by_label[label]
             row["queue"] += c.policy.queue_length(user)
-            row["running"] += running_by_user[user]
+            row["running"] += granted[user]
             row["input"] += s.prompt_tokens
             row["output"] += s.output_tokens
             for outcome in ("finished", "rejected", "cancelled"):
@@ -74,11 +76,11 @@ class ControllerCollector:
             counter.add_metric([label, name], sum(values) / len(values))
         yield from (queue, running, tokens, requests, counter)
         yield from self._pools()
-        jain = c.jain()
+        index = jain(c)
         yield GaugeMetricFamily("equinox_jain_index", f"Jain's index of weighted service over the last "
                                 f"{c.service_window.window_s:g} s (NaN with fewer than two active users)",
-                                value=float("nan") if jain is None else jain)
-        status = c.predictor_status()
+                                value=float("nan") if index is None else index)
+        status = predictor_status(c)
         error = GaugeMetricFamily("equinox_predictor_relative_error", "smoothed absolute relative error of the "
                                   "predictions at grant against the measured outcome", labels=["target"])
         for target, value in status["error"].items():
