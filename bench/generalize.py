@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import GOAL_KEYS, against_vtc, goal_ratios, publish, tally
+from bench.report import GOAL_KEYS, RATIO_ALIGN, RATIO_HEADER, against_vtc, goal_ratios, publish, ratio_cells, tally
 from bench.scenarios import Scenario, pool
 from bench.sweep import config_with
 from equinox_ray.serve.config import PolicyConfig
@@ -66,8 +66,7 @@ def draw(seed: int, n_requests: int) -> tuple[Scenario, float]:
 
 def generalize(draws: int, n_requests: int, first_seed: int, equinox: PolicyConfig | None = None) -> str:
     """`equinox`: the config Equinox runs with (its defaults where None)."""
-    lines = ["| seed | cluster | users | nominal load | steady throughput | TTFT p50 | TTFT p99 | light TTFT p99 "
-             "| Jain | pair gap within bound |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [f"| seed | cluster | users | nominal load | {RATIO_HEADER} |", f"|---:|---|---:|---:|{RATIO_ALIGN}|"]
     ratios: dict[str, list[float]] = {key: [] for key in GOAL_KEYS}
     within = []
     for seed in range(first_seed, first_seed + draws):
@@ -79,8 +78,7 @@ def generalize(draws: int, n_requests: int, first_seed: int, equinox: PolicyConf
         within.append(r["gap_within_bound"])
         workload = scenario.workloads(False)[0]
         lines.append(f"| {seed} | {scenario.title} | {len(workload.users)} | {load:.2f} | "
-                     + " | ".join(f"{r[key]:.2f}x" if key != "jain" else f"{r[key]:.3f}x" for key in GOAL_KEYS)
-                     + f" | {'yes' if r['gap_within_bound'] else 'no'} |")
+                     f"{ratio_cells(r, runs['vtc'], runs['equinox'])} |")
         print(lines[-1], flush=True)
     summary = tally(ratios, within)
     return "\n".join([f"# Equinox against VTC on random workloads (`python -m bench generalize --draws {draws} "
