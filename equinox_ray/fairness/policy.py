@@ -8,7 +8,7 @@ The controller drives it: `submit` on arrival, `schedule` while pools have room,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 from equinox_ray.fairness.pools import PoolView, fitting_pools, least_loaded
@@ -178,6 +178,18 @@ class Policy:
 
     def queue_length(self, user: str) -> int:
         return self.queues.length(user)
+
+    def waiting_by_pool(self, pools: Sequence[PoolView]) -> dict[str, int]:
+        """Waiting requests per pool this policy would send them to now (an autoscaler's backlog). Every pool counts
+        as having a free slot, so that a full pool still counts the requests that suit it."""
+        open_pools = [replace(p, free_slots=max(p.free_slots, 1)) for p in pools]
+        counts = {p.name: 0 for p in pools}
+        for request in self.queues.waiting():
+            candidates = fitting_pools(request.kv_demand, open_pools)
+            if candidates:
+                pool, _ = self.choose_pool(request, candidates, open_pools)
+                counts[pool.name] += 1
+        return counts
 
     def min_backlogged_key(self) -> float | None:
         top = self._heap.peek()

@@ -19,7 +19,6 @@ from typing import Callable
 from equinox_ray.engines.replica import ReplicaReport
 from equinox_ray.fairness import Outcome, Request, User
 from equinox_ray.fairness.live import PredictionError, SlidingService
-from equinox_ray.serve.autoscaling import backlog_by_pool
 from equinox_ray.serve.checkpoint import Checkpoint, UsageTotals
 from equinox_ray.serve.completion_records import CompletionRecords
 from equinox_ray.serve.config import AppConfig, PolicyConfig
@@ -387,7 +386,7 @@ class FairnessController:
         now = self.now()
         if self._backlog is not None and now - self._backlog[0] < self.config.report_interval_s / 2:
             return self._backlog[1]
-        self._backlog = (now, backlog_by_pool(self.policy, [p.view() for p in self.pools.values()]))
+        self._backlog = (now, self.policy.waiting_by_pool([p.view() for p in self.pools.values()]))
         return self._backlog[1]
 
     def policy_service(self, prompt_tokens: int, output_tokens: int) -> float:
