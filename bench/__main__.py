@@ -31,9 +31,18 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 PLOTTED_SUITES = {"overload", "on-off-overload", "poisson-short-long-2"}
-OWN_OPTIONS = {"soak": "bench.soak", "faults": "bench.faults", "churn": "bench.churn", "sweep": "bench.sweep",
-               "kv-view": "bench.kv_view", "ceiling": "bench.ceiling", "generalize": "bench.generalize",
-               "loads": "bench.loads", "jitter": "bench.jitter", "peers": "bench.peers"}
+OWN_OPTIONS = {  # the commands that parse their own options (python -m bench NAME --help): module, what it does
+    "soak": ("bench.soak", "three users at twice the capacity"),
+    "faults": ("bench.faults", "kill -9 under load"),
+    "churn": ("bench.churn", "autoscaling under load"),
+    "sweep": ("bench.sweep", "one policy setting at several values against VTC"),
+    "peers": ("bench.peers", "peer load generators against us and vLLM"),
+    "kv-view": ("bench.kv_view", "the policy with and without the replicas' free KV"),
+    "ceiling": ("bench.ceiling", "steady throughput placement can buy"),
+    "generalize": ("bench.generalize", "Equinox against VTC on random workloads"),
+    "loads": ("bench.loads", "Equinox against VTC at other loads"),
+    "jitter": ("bench.jitter", "Equinox against VTC across jittered arrivals"),
+}
 
 
 def write_scenario(name: str, smoke: bool, out: Path, predictor: str) -> Path:
@@ -122,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     from bench.scenarios import SCENARIOS
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in OWN_OPTIONS:  # each parses its own options (python -m bench NAME --help)
-        sys.exit(importlib.import_module(OWN_OPTIONS[argv[0]]).main(argv[1:]))
+    if argv[:1] and argv[0] in OWN_OPTIONS:
+        sys.exit(importlib.import_module(OWN_OPTIONS[argv[0]][0]).main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     suite = sub.add_parser("suite", help="simulated scenarios")
@@ -148,16 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     path = sub.add_parser("path", help="the serving path's CPU, throughput and latency")
     path.add_argument("--smoke", action="store_true", help="short loads, under 2 minutes")
     path.add_argument("--out", type=Path, default=RESULTS)
-    sub.add_parser("soak", help="three users at twice the capacity: python -m bench soak --help")
-    sub.add_parser("faults", help="kill -9 under load: python -m bench faults --help")
-    sub.add_parser("churn", help="autoscaling under load: python -m bench churn --help")
-    sub.add_parser("sweep", help="one policy setting at several values against VTC: python -m bench sweep --help")
-    sub.add_parser("peers", help="peer load generators against us and vLLM: python -m bench peers --help")
-    sub.add_parser("kv-view", help="the policy with and without the replicas' free KV: python -m bench kv-view --help")
-    sub.add_parser("ceiling", help="steady throughput placement can buy: python -m bench ceiling --help")
-    sub.add_parser("generalize", help="Equinox against VTC on random workloads: python -m bench generalize --help")
-    sub.add_parser("loads", help="Equinox against VTC at other loads: python -m bench loads --help")
-    sub.add_parser("jitter", help="Equinox against VTC across jittered arrivals: python -m bench jitter --help")
+    for name, (_, does) in OWN_OPTIONS.items():
+        sub.add_parser(name, help=f"{does}: python -m bench {name} --help")
     args = parser.parse_args(argv)
     if args.command == "suite":
         args.out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import numpy as np
 
 from bench.report import GOAL_KEYS, RATIO_ALIGN, RATIO_HEADER, against_vtc, goal_ratios, publish, ratio_cells, tally
 from bench.scenarios import Scenario, pool
-from bench.sweep import config_with
+from bench.sweep import add_set_option, set_config, set_flag, set_suffix
 from equinox_ray.serve.config import PolicyConfig
 from equinox_ray.sim import PoolSpec
 from equinox_ray.workloads.random_mix import random_workload
@@ -92,15 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=24)
     parser.add_argument("--requests", type=int, default=4000, help="requests per draw")
     parser.add_argument("--first-seed", type=int, default=1000)
-    parser.add_argument("--set", nargs=2, metavar=("SETTING", "VALUE"), help="Equinox with one setting changed "
-                        "from its default (as bench sweep takes it); written to generalize-SETTING-VALUE.md")
+    add_set_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    equinox = config_with(*args.set) if args.set else None
-    text = generalize(args.draws, args.requests, args.first_seed, equinox)
-    if args.set:
-        text = text.replace("`python -m bench generalize", f"`python -m bench generalize --set {' '.join(args.set)}", 1)
-    publish(text, args.out, "generalize.md" if not args.set else f"generalize-{args.set[0]}-{args.set[1]}.md")
+    text = generalize(args.draws, args.requests, args.first_seed, set_config(args.set))
+    text = text.replace("`python -m bench generalize", f"`python -m bench generalize{set_flag(args.set)}", 1)
+    publish(text, args.out, f"generalize{set_suffix(args.set)}.md")
     return 0
 
 

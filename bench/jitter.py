@@ -19,14 +19,13 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.loads import at_load
-from bench.report import GOAL_KEYS, RATIO_ALIGN, RATIO_HEADER, missed_goals, publish, ratio_cells, tally
+from bench.loads import DEFAULT_SCENARIOS, at_load
+from bench.report import GOAL_KEYS, RATIO_ALIGN, RATIO_HEADER, missed_goals, missed_keys, publish, ratio_cells, tally
 from bench.scenarios import SCENARIOS
-from bench.sweep import config_with
+from bench.sweep import add_set_option, set_config, set_flag, set_suffix
 from equinox_ray.serve.config import PolicyConfig
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_SCENARIOS = ("lmsys", "sharegpt-zipf", "azure-mixed")
 
 
 def jitter(name: str, seeds: range, load: float = 1.0, equinox: PolicyConfig | None = None) -> tuple[list[str], dict]:
@@ -39,7 +38,8 @@ def jitter(name: str, seeds: range, load: float = 1.0, equinox: PolicyConfig | N
         missed = missed_goals(name, r, ours)
         for key in GOAL_KEYS:
             ratios[key].append(float(r[key]))
-            misses[key] += any(m.startswith(f"{key} ") for m in missed)
+        for key in set(missed_keys(name, r)) & set(GOAL_KEYS):
+            misses[key] += 1
         within.append(r["gap_within_bound"])
         draws[seed] = {"vtc": vtc, "equinox": ours, "missed": missed, **r}
         rows.append(f"| {seed} | {vtc['ttft_p50']:.2f} | {ratio_cells(r, vtc, ours)} | {'; '.join(missed) or 'none'} |")
@@ -57,23 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--load", type=float, default=1.0, help="arrivals this many times as dense first")
-    parser.add_argument("--set", nargs=2, metavar=("SETTING", "VALUE"), help="Equinox with one setting changed "
-                        "from its default (as bench sweep takes it)")
+    add_set_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     seeds = range(args.first_seed, args.first_seed + args.draws)
-    equinox = config_with(*args.set) if args.set else None
-    load = (f" --load {args.load:g}" if args.load != 1.0 else "") + (f" --set {' '.join(args.set)}" if args.set else "")
+    equinox = set_config(args.set)
+    options = (f" --load {args.load:g}" if args.load != 1.0 else "") + set_flag(args.set)
     lines = [f"# Equinox against VTC across jittered arrivals (`python -m bench jitter --scenario "
-             f"{' '.join(args.scenario)} --draws {args.draws} --first-seed {args.first_seed}{load}`)", "",
+             f"{' '.join(args.scenario)} --draws {args.draws} --first-seed {args.first_seed}{options}`)", "",
              __doc__.split("\n\n")[0].replace("\n", " "), "", "Ratios are Equinox over VTC in the same draw.", ""]
     numbers = {}
     for name in args.scenario:
         section, numbers[name] = jitter(name, seeds, args.load, equinox)
         lines += section
     stem = "-".join(["jitter", *([f"{args.load:g}x"] if args.load != 1.0 else []),
-                     *(sorted(args.scenario) if sorted(args.scenario) != sorted(DEFAULT_SCENARIOS) else []),
-                     *(args.set or [])])
+                     *(sorted(args.scenario) if sorted(args.scenario) != sorted(DEFAULT_SCENARIOS) else [])])
+    stem += set_suffix(args.set)
     publish("\n".join(lines), args.out, f"{stem}.md")
     (args.out / f"{stem}.json").write_text(json.dumps(numbers, indent=1))
     return 0

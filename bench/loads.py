@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.report import RATIO_ALIGN, RATIO_HEADER, against_vtc, goal_ratios, missed_goals, publish, ratio_cells
 from bench.scenarios import SCENARIOS
-from bench.sweep import config_with
+from bench.sweep import add_set_option, set_config, set_flag, set_suffix
 from equinox_ray.serve.config import PolicyConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,7 +44,7 @@ def at_load(name: str, factor: float, equinox: PolicyConfig | None = None,
 
 
 def loads(scenarios: list[str], factors: list[float], setting: list[str] | None = None) -> tuple[str, dict]:
-    equinox = config_with(*setting) if setting else None
+    equinox = set_config(setting)
     lines = [f"| scenario | load | VTC TTFT p50 s | VTC TTFT p99 s | {RATIO_HEADER} | goals missed |",
              f"|---|---:|---:|---:|{RATIO_ALIGN}|---|"]
     numbers: dict[str, dict] = {}
@@ -58,7 +58,7 @@ def loads(scenarios: list[str], factors: list[float], setting: list[str] | None 
                          f"{ratio_cells(r, vtc, ours)} | {'; '.join(missed) or 'none'} |")
             print(lines[-1], flush=True)
     command = (f"python -m bench loads --scenario {' '.join(scenarios)} --factors "
-               f"{' '.join(f'{f:g}' for f in factors)}" + (f" --set {' '.join(setting)}" if setting else ""))
+               f"{' '.join(f'{f:g}' for f in factors)}{set_flag(setting)}")
     text = "\n".join([f"# Equinox against VTC at other loads (`{command}`)", "",
                       __doc__.split("\n\n")[0].replace("\n", " "), "", *lines]) + "\n"
     return text, numbers
@@ -69,12 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", nargs="+", choices=[s for s in SCENARIOS if s != "vtc-suites"],
                         default=list(DEFAULT_SCENARIOS))
     parser.add_argument("--factors", nargs="+", type=float, default=list(DEFAULT_FACTORS))
-    parser.add_argument("--set", nargs=2, metavar=("SETTING", "VALUE"), help="Equinox with one setting changed "
-                        "from its default (as bench sweep takes it); written to loads-SETTING-VALUE.md")
+    add_set_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     text, numbers = loads(args.scenario, args.factors, args.set)
-    stem = "loads" if not args.set else f"loads-{args.set[0]}-{args.set[1]}"
+    stem = f"loads{set_suffix(args.set)}"
     publish(text, args.out, f"{stem}.md")
     (args.out / f"{stem}.json").write_text(json.dumps(numbers, indent=1))
     return 0

@@ -186,26 +186,35 @@ GOALS = {  # the beat-VTC issue's targets on Equinox's ratios to VTC; (key, scen
 }
 
 
+def missed_keys(scenario: str, ratios: dict) -> list[str]:
+    """The goal keys `ratios` misses in `scenario` (undefined, as Jain where no user waited long enough, counts)."""
+    missed = []
+    for key, rules in GOALS.items():
+        ok = next((ok for where, ok, _ in rules if where is None or scenario in where), None)
+        value = ratios[key]
+        if ok is not None and ((isinstance(value, float) and math.isnan(value)) or not ok(value)):
+            missed.append(key)
+    return missed
+
+
 def missed_goals(scenario: str, ratios: dict, equinox: dict | None = None) -> list[str]:
     """The goals `ratios` misses, in words; `equinox`'s own metrics add why the light users' p99 missed (how many
     other requests started while its slowest light request waited)."""
-    missed, equinox = [], equinox or {}
-    for key, rules in GOALS.items():
-        for where, ok, text in rules:
-            if where is None or scenario in where:
-                value = ratios[key]
-                if isinstance(value, float) and math.isnan(value):
-                    missed.append(f"{key} n/a")  # e.g. Jain where no user waited long enough to count
-                elif not ok(value):
-                    why = ""
-                    passed = equinox.get("light_slowest_passed")
-                    if key == "light_ttft_p99" and passed is not None and not math.isnan(passed):
-                        count = equinox.get("light_requests")
-                        why = (f"; p99 of {count:,.0f} light requests" if count else "") + \
-                            f"; Equinox's slowest light request was passed by {passed:.0f} grants"
-                    missed.append(f"{key} {value if isinstance(value, bool) else f'{value:.3f}'} (goal {text}{why})")
-                break
-    return missed
+    words, equinox = [], equinox or {}
+    for key in missed_keys(scenario, ratios):
+        value = ratios[key]
+        if isinstance(value, float) and math.isnan(value):
+            words.append(f"{key} n/a")
+            continue
+        text = next(text for where, _, text in GOALS[key] if where is None or scenario in where)
+        why = ""
+        passed = equinox.get("light_slowest_passed")
+        if key == "light_ttft_p99" and passed is not None and not math.isnan(passed):
+            count = equinox.get("light_requests")
+            why = (f"; p99 of {count:,.0f} light requests" if count else "") + \
+                f"; Equinox's slowest light request was passed by {passed:.0f} grants"
+        words.append(f"{key} {value if isinstance(value, bool) else f'{value:.3f}'} (goal {text}{why})")
+    return words
 
 
 def better(key: str, ratio: float, tie: float = 0.0) -> int:
@@ -300,4 +309,3 @@ def publish(text: str, out: Path, name: str) -> Path:
     (out / name).write_text(text)
     print(text)
     return out / name
-

@@ -35,6 +35,27 @@ def config_with(setting: str, value: str) -> PolicyConfig:
     return PolicyConfig.model_validate(base)
 
 
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """`--set SETTING VALUE`, for the commands that run Equinox against VTC (loads, generalize, jitter)."""
+    parser.add_argument("--set", nargs=2, metavar=("SETTING", "VALUE"), help="Equinox with one setting changed from "
+                        "its default (as bench sweep takes it); the results' file names end in -SETTING-VALUE")
+
+
+def set_config(setting: list[str] | None) -> PolicyConfig | None:
+    """The config `--set` asks for (None: Equinox's defaults)."""
+    return config_with(*setting) if setting else None
+
+
+def set_flag(setting: list[str] | None) -> str:
+    """The `--set` part of a command line, as a result's title quotes it."""
+    return f" --set {' '.join(setting)}" if setting else ""
+
+
+def set_suffix(setting: list[str] | None) -> str:
+    """The end of a result's file name for `--set`."""
+    return "-" + "-".join(setting) if setting else ""
+
+
 def sweep(setting: str, values: list[str], scenarios: list[str]) -> str:
     lines = [f"# Sweep of `{setting}` (`python -m bench sweep {setting} {' '.join(values)} --scenario "
              f"{' '.join(scenarios)}`)", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
