@@ -97,6 +97,8 @@ def record_metrics(records: Sequence[CompletionRecord], workload: Workload, wind
         # other users' grants while the slowest light request waited: 0 means no policy could have started it sooner
         "light_slowest_passed": float("nan") if slowest_light is None else passed_by(records, slowest_light),
         "light_requests": len(light_records),  # a p99 of a few dozen requests is its slowest one or two
+        # of those, how many were not granted on arrival: only these can be slower under one policy than another
+        "light_waited": sum(1 for r in light_records if r.granted > r.arrival),
     }
 
 
@@ -210,8 +212,9 @@ def missed_goals(scenario: str, ratios: dict, equinox: dict | None = None) -> li
         why = ""
         passed = equinox.get("light_slowest_passed")
         if key == "light_ttft_p99" and passed is not None and not math.isnan(passed):
-            count = equinox.get("light_requests")
+            count, waited = equinox.get("light_requests"), equinox.get("light_waited")
             why = (f"; p99 of {count:,.0f} light requests" if count else "") + \
+                (f", {waited:,.0f} of which waited for a grant" if waited is not None else "") + \
                 f"; Equinox's slowest light request was passed by {passed:.0f} grants"
         words.append(f"{key} {value if isinstance(value, bool) else f'{value:.3f}'} (goal {text}{why})")
     return words
