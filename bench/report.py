@@ -188,13 +188,17 @@ GOALS = {  # the beat-VTC issue's targets on Equinox's ratios to VTC; (key, scen
 }
 
 
+def goal_rule(key: str, scenario: str) -> tuple | None:
+    """The goal on `key` that applies to `scenario`: (scenarios, test, text), or None where none does."""
+    return next((rule for rule in GOALS[key] if rule[0] is None or scenario in rule[0]), None)
+
+
 def missed_keys(scenario: str, ratios: dict) -> list[str]:
     """The goal keys `ratios` misses in `scenario` (undefined, as Jain where no user waited long enough, counts)."""
     missed = []
-    for key, rules in GOALS.items():
-        ok = next((ok for where, ok, _ in rules if where is None or scenario in where), None)
-        value = ratios[key]
-        if ok is not None and ((isinstance(value, float) and math.isnan(value)) or not ok(value)):
+    for key in GOALS:
+        rule, value = goal_rule(key, scenario), ratios[key]
+        if rule is not None and ((isinstance(value, float) and math.isnan(value)) or not rule[1](value)):
             missed.append(key)
     return missed
 
@@ -208,7 +212,7 @@ def missed_goals(scenario: str, ratios: dict, equinox: dict | None = None) -> li
         if isinstance(value, float) and math.isnan(value):
             words.append(f"{key} n/a")
             continue
-        text = next(text for where, _, text in GOALS[key] if where is None or scenario in where)
+        text = goal_rule(key, scenario)[2]
         why = ""
         passed = equinox.get("light_slowest_passed")
         if key == "light_ttft_p99" and passed is not None and not math.isnan(passed):
