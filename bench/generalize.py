@@ -20,7 +20,6 @@ import numpy as np
 from bench.report import GOAL_KEYS, RATIO_ALIGN, RATIO_HEADER, against_vtc, goal_ratios, publish, ratio_cells, tally
 from bench.scenarios import Scenario, pool
 from bench.sweep import add_set_option, set_config, set_flag, set_suffix
-from equinox_ray.serve.config import PolicyConfig
 from equinox_ray.sim import PoolSpec
 from equinox_ray.workloads.random_mix import random_workload
 from equinox_ray.workloads.workload import Workload
@@ -64,8 +63,9 @@ def draw(seed: int, n_requests: int) -> tuple[Scenario, float]:
                     ("vtc", "equinox")), load
 
 
-def generalize(draws: int, n_requests: int, first_seed: int, equinox: PolicyConfig | None = None) -> str:
-    """`equinox`: the config Equinox runs with (its defaults where None)."""
+def generalize(draws: int, n_requests: int, first_seed: int, setting: list[str] | None = None) -> str:
+    """`setting`: one Equinox setting and its value, as `--set` takes them (Equinox's defaults where None)."""
+    equinox = set_config(setting)
     lines = [f"| seed | cluster | users | nominal load | {RATIO_HEADER} |", f"|---:|---|---:|---:|{RATIO_ALIGN}|"]
     ratios: dict[str, list[float]] = {key: [] for key in GOAL_KEYS}
     within = []
@@ -81,7 +81,7 @@ def generalize(draws: int, n_requests: int, first_seed: int, equinox: PolicyConf
                      f"{ratio_cells(r, runs['vtc'], runs['equinox'])} |")
         print(lines[-1], flush=True)
     summary = tally(ratios, within)
-    return "\n".join([f"# Equinox against VTC on random workloads (`python -m bench generalize --draws {draws} "
+    return "\n".join([f"# Equinox against VTC on random workloads (`python -m bench generalize{set_flag(setting)} --draws {draws} "
                       f"--requests {n_requests}`)", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
                       f"Client max_tokens {MAX_TOKENS}; windows of {WINDOW_S:g} s; ratios are Equinox over VTC.", "",
                       *summary, "", *lines]) + "\n"
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     add_set_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    text = generalize(args.draws, args.requests, args.first_seed, set_config(args.set))
-    text = text.replace("`python -m bench generalize", f"`python -m bench generalize{set_flag(args.set)}", 1)
+    text = generalize(args.draws, args.requests, args.first_seed, args.set)
     publish(text, args.out, f"generalize{set_suffix(args.set)}.md")
     return 0
 
