@@ -37,7 +37,7 @@ def snapshot(controller: FairnessController, user: str | None = None) -> dict:
              for name, p in controller.pools.items()}
     return {"policy": controller.policy.name, "time_s": controller.now(), "users": rows, "pools": pools,
             "ingress": {name: {"submitted": n} for name, n in controller.submitted_by_ingress.items()},
-            "jain": jain(controller), "jain_window_s": JAIN_WINDOW_S, "predictor": predictor_status(controller)}
+            "jain": jain(controller, running), "jain_window_s": JAIN_WINDOW_S, "predictor": predictor_status(controller)}
 
 
 def running_by_user(controller: FairnessController) -> defaultdict[str, int]:
@@ -48,9 +48,10 @@ def running_by_user(controller: FairnessController) -> defaultdict[str, int]:
     return counts
 
 
-def jain(controller: FairnessController) -> float | None:
-    """Jain's index of weighted service over the last JAIN_WINDOW_S among users served, waiting or running."""
-    active = set(controller.policy.backlogged_users()) | set(running_by_user(controller))
+def jain(controller: FairnessController, running: dict[str, int]) -> float | None:
+    """Jain's index of weighted service over the last JAIN_WINDOW_S among users served, waiting or running
+    (`running`: `running_by_user`, which the callers have already counted; reading it adds zeros for the others)."""
+    active = set(controller.policy.backlogged_users()) | {user for user, n in running.items() if n}
     return controller.service_window.jain(controller.now(), active)
 
 

@@ -76,7 +76,7 @@ class ControllerCollector:
             counter.add_metric([label, name], sum(values) / len(values))
         yield from (queue, running, tokens, requests, counter)
         yield from self._pools()
-        index = jain(c)
+        index = jain(c, granted)
         yield GaugeMetricFamily("equinox_jain_index", f"Jain's index of weighted service over the last "
                                 f"{c.service_window.window_s:g} s (NaN with fewer than two active users)",
                                 value=float("nan") if index is None else index)
